@@ -1,0 +1,179 @@
+"""
+model.py - the one shared module: class-conditional UNet, noise schedule, samplers, checkpoints.
+
+    from model import build_unet, make_schedule, add_noise, sample, save_checkpoint, load_checkpoint
+    unet = build_unet(image_size=256, preset="base")             # 1x256x256, ~114M parameters
+    alpha_bar = make_schedule().alphas_cumprod                      # (1000,)
+    xt = add_noise(x0, eps, t, alpha_bar)                           # the forward process q(xt | x0)
+    x0 = sample(unet, labels, sampler="dpm++", steps=25, guidance=2.0)   # (B, 1, H, W) in [-1, 1]
+
+Everything else (train.py, sample.py, evaluate.py, bench.py) imports from here and nowhere else.
+"""
+import json
+import os
+import pickle
+import zipfile
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel,
+                       UniPCMultistepScheduler)
+
+CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]
+NULL_CLASS = len(CLASSES)  # extra embedding for "no label": classifier-free guidance trains and samples with it
+NUM_TIMESTEPS = 1000
+
+# -----------------------------------------------------------------------------
+# The UNet: diffusers' UNet2DModel, 1 channel in and out, a learned embedding per class (+ the null class)
+# added to the timestep embedding. Attention sits at the 16x16 level (where it is affordable and the
+# receptive field is global) and in the middle block.
+
+PRESETS = {
+    # name:  (channels per resolution level, resnet layers per level, GroupNorm groups)
+    "base":  ((128, 128, 256, 256, 512, 512), 2, 32),  # the standard diffusers 256x256 DDPM UNet, ~114M
+    "small": ((32, 64, 128, 256), 2, 16),             # 32-128 px research runs, ~14M
+    "tiny":  ((16, 32, 32), 1, 8),                    # CPU tests, <1M, a training step in milliseconds
+}
+MIN_BOTTOM = 4  # the lowest resolution level must keep at least 4x4 pixels
+
+
+def build_unet(image_size=256, preset="base"):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    channels, layers, groups = PRESETS[preset]
+    bottom = image_size // 2 ** (len(channels) - 1)
+    if image_size < 32 or image_size & (image_size - 1) or bottom < MIN_BOTTOM:
+        smallest = max(32, MIN_BOTTOM * 2 ** (len(channels) - 1))
+        raise ValueError(f"image size {image_size} does not fit preset {preset!r}: "
+                         f"use a power of two >= {smallest}")
+    resolutions = [image_size // 2 ** i for i in range(len(channels))]
+    attn = [r == 16 for r in resolutions]
+    return UNet2DModel(
+        sample_size=image_size, in_channels=1, out_channels=1,
+        block_out_channels=channels, layers_per_block=layers, norm_num_groups=groups,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        num_class_embeds=NULL_CLASS + 1,
+    )
+
+
+def flops_per_image(model, image_size):
+    """Forward-pass FLOPs for one image (a multiply-add counts 2), counted on the meta device: no memory, no time."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        unet = UNet2DModel.from_config(model.config)
+        x = torch.zeros(1, 1, image_size, image_size)
+        t, y = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, class_labels=y)
+    return counter.get_total_flops()
+
+# -----------------------------------------------------------------------------
+# The noise schedule (Ho et al. 2020): 1000 steps, betas linear from 1e-4 to 0.02, the model predicts eps.
+
+
+def make_schedule():
+    return DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS, beta_schedule="linear", beta_start=1e-4,
+                         beta_end=0.02, prediction_type="epsilon", clip_sample=True)
+
+
+def add_noise(x0, eps, t, alpha_bar):
+    """Forward process: xt = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps.  x0, eps: (B, 1, H, W); t: (B,)"""
+    a = alpha_bar.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)  # (B, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+# -----------------------------------------------------------------------------
+# Samplers. All are built from the training schedule's config, so they share its betas, and all run in
+# the one loop below. ddpm is the ancestral 1000-step sampler; the others are deterministic fast solvers.
+
+SAMPLERS = {
+    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
+    "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
+    "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
+    "unipc": lambda cfg: UniPCMultistepScheduler.from_config(cfg),
+}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25, "unipc": 25}
+
+
+def make_sampler(name, steps):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= NUM_TIMESTEPS:
+        raise ValueError(f"--steps {steps}: must be between 1 and {NUM_TIMESTEPS}")
+    scheduler = SAMPLERS[name](make_schedule().config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample(model, labels, sampler="dpm++", steps=25, guidance=1.0, generators=None):
+    """Generate one image per label. labels: (B,) long on the model's device.
+    generators: one torch.Generator (CPU) per image, so image i depends only on its own seed, never on the batch.
+    Returns (B, 1, H, W) float32 in [-1, 1]."""
+    device, size = labels.device, model.config.sample_size
+    scheduler = make_sampler(sampler, steps)
+    generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]
+    xt = torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)  # (B, 1, H, W)
+    xt = xt * scheduler.init_noise_sigma
+    null = torch.full_like(labels, NULL_CLASS)
+    extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(xt, t)
+        if guidance == 1.0:  # plain conditional model: one forward, no doubled batch
+            eps = model(x_in, t, class_labels=labels).sample.float()
+        else:  # classifier-free guidance: cond and null in one batched forward
+            eps_cond, eps_null = model(torch.cat([x_in, x_in]), t, class_labels=torch.cat([labels, null])).sample.float().chunk(2)
+            eps = eps_null + guidance * (eps_cond - eps_null)
+        xt = scheduler.step(eps, t, xt, **extra).prev_sample
+    return xt.clamp(-1, 1)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one file of plain tensors and Python types, so torch.load(weights_only=True) reads it and
+# no code inside a file a user was handed ever runs. Keys written by train.py:
+#   model, ema (state dicts), optimizer, scaler, step, unet_config, classes, image_size, args, rng
+
+
+def save_checkpoint(path, ckpt):
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half-written ckpt.pt
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):  # every torch.save since 1.6 writes a zip archive
+        raise ValueError(f"{path}: not a readable checkpoint (not a torch.save archive)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses any pickled object that is not plain data
+        raise ValueError(f"{path}: refused: not a plain-tensor checkpoint, it asks to unpickle objects "
+                         f"({str(e).splitlines()[-1][:120]})") from None
+    except Exception as e:  # truncated or corrupt archive
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(ckpt, dict) or not {"unet_config", "classes", "image_size"} <= ckpt.keys():
+        raise ValueError(f"{path}: not a checkpoint of this project (no unet_config/classes/image_size)")
+    return ckpt
+
+
+def unet_config(model):
+    """The UNet's config as plain JSON types (diffusers' FrozenDict is not weights_only-loadable)."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+
+def unet_from_checkpoint(ckpt, ema=True):
+    model = UNet2DModel.from_config(ckpt["unet_config"])
+    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    return model.eval()
+
+
+def export_pretrained(model, out_dir):
+    """model.safetensors + config.json, so anyone can UNet2DModel.from_pretrained(out_dir)."""
+    tmp = f"{out_dir.rstrip('/')}.tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            os.remove(os.path.join(out_dir, name))
+        os.rmdir(out_dir)
+    os.replace(tmp, out_dir)

@@ -1,0 +1,198 @@
+import os
+import pickle
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+import model
+
+
+@pytest.mark.parametrize("preset,sizes", [("tiny", (32, 64)), ("small", (32, 128)), ("base", (128, 256))])
+def test_every_preset_maps_1xHxW_to_1xHxW(preset, sizes):
+    for size in sizes:
+        with torch.device("meta"):  # shapes only: the base UNet at 256 would take seconds on a CPU
+            unet = model.build_unet(size, preset)
+            out = unet(torch.zeros(2, 1, size, size), torch.tensor([0, 999]), class_labels=torch.tensor([0, model.NULL_CLASS])).sample
+        assert out.shape == (2, 1, size, size)
+        assert unet.config.num_class_embeds == len(model.CLASSES) + 1 == 7
+
+
+def test_parameter_counts_match_the_preset_descriptions():
+    with torch.device("meta"):
+        counts = {p: sum(x.numel() for x in model.build_unet(s, p).parameters())
+                  for p, s in [("tiny", 32), ("small", 64), ("base", 256)]}
+    assert counts["tiny"] < 1e6
+    assert 3e6 < counts["small"] < 30e6
+    assert 110e6 < counts["base"] < 118e6  # the standard diffusers 256x256 UNet is ~114M
+
+
+def test_attention_sits_at_the_16x16_level():
+    unet = model.build_unet(256, "base")
+    assert unet.config.down_block_types == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
+
+
+@pytest.mark.parametrize("preset,size", [("base", 64), ("tiny", 48), ("small", 16), ("nope", 64)])
+def test_sizes_and_presets_that_cannot_work_are_clear_errors(preset, size):
+    with pytest.raises(ValueError, match="preset"):
+        model.build_unet(size, preset)
+
+
+def test_class_label_changes_the_output_and_null_class_is_valid():
+    torch.manual_seed(0)
+    unet = model.build_unet(32, "tiny").eval()
+    xt = torch.randn(1, 1, 32, 32).repeat(model.NULL_CLASS + 1, 1, 1, 1)
+    t = torch.full((model.NULL_CLASS + 1,), 500)
+    with torch.no_grad():
+        eps = unet(xt, t, class_labels=torch.arange(model.NULL_CLASS + 1)).sample  # every class and the null class
+    assert torch.isfinite(eps).all()
+    for i in range(1, model.NULL_CLASS + 1):
+        assert (eps[i] - eps[0]).abs().max() > 1e-4
+    with pytest.raises(IndexError):  # there is no eighth embedding
+        unet(xt[:1], t[:1], class_labels=torch.tensor([model.NULL_CLASS + 1]))
+
+
+def test_forward_process_matches_the_formula_and_diffusers():
+    alpha_bar = model.make_schedule().alphas_cumprod
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # Ho et al. linear schedule, by hand
+    assert torch.allclose(alpha_bar.double(), torch.cumprod(1 - betas, 0), rtol=1e-5)
+    x0, eps, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 500, 999])
+    xt = model.add_noise(x0, eps, t, alpha_bar)
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    assert torch.allclose(xt, a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    assert torch.allclose(xt, model.make_schedule().add_noise(x0, eps, t), atol=1e-6)
+    assert torch.allclose(xt[0], x0[0], atol=0.05)  # t=0 is almost clean, t=999 almost pure noise
+    assert torch.allclose(xt[3], eps[3], atol=0.05)
+
+
+class CountCalls(torch.nn.Module):
+    """Wraps the UNet and records the batch size of every forward."""
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.batches, self.config = unet, [], unet.config
+
+    def forward(self, x, t, class_labels):
+        self.batches.append(len(x))
+        return self.unet(x, t, class_labels=class_labels)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 30), ("ddim", 8), ("dpm++", 8), ("unipc", 8)])
+def test_samplers_return_finite_images_with_the_expected_number_of_model_calls(sampler, steps):
+    torch.manual_seed(0)
+    unet = CountCalls(model.build_unet(32, "tiny").eval())
+    labels = torch.tensor([2, 3, 5])
+    x0 = model.sample(unet, labels, sampler=sampler, steps=steps, guidance=1.0)
+    assert x0.shape == (3, 1, 32, 32) and torch.isfinite(x0).all() and x0.abs().max() <= 1
+    assert unet.batches == [3] * steps  # w == 1: one conditional forward per step, no doubled batch
+    unet.batches.clear()
+    model.sample(unet, labels, sampler=sampler, steps=steps, guidance=3.0)
+    assert unet.batches == [6] * steps  # w > 1: cond and null in one batched forward per step
+
+
+def test_guidance_formula_is_eps_null_plus_w_times_the_difference():
+    torch.manual_seed(0)
+    unet = model.build_unet(32, "tiny").eval()
+    labels = torch.tensor([4])
+    g = lambda: [torch.Generator().manual_seed(7)]
+    x_w0 = model.sample(unet, labels, "ddim", 1, guidance=0.0, generators=g())  # w=0: the unconditional model
+    x_null = model.sample(unet, torch.tensor([model.NULL_CLASS]), "ddim", 1, guidance=1.0, generators=g())
+    assert torch.allclose(x_w0, x_null, atol=1e-5)
+    x_w1 = model.sample(unet, labels, "ddim", 1, guidance=1.0, generators=g())
+    assert (x_w1 - x_null).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+def test_each_image_depends_only_on_its_own_generator(sampler):
+    torch.manual_seed(0)
+    unet = model.build_unet(32, "tiny").eval()
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    both = model.sample(unet, torch.tensor([1, 3]), sampler, 10, guidance=2.0, generators=gens([11, 12]))
+    alone = model.sample(unet, torch.tensor([3]), sampler, 10, guidance=2.0, generators=gens([12]))
+    assert torch.allclose(both[1], alone[0], atol=1e-3)  # batch-dependent CPU conv blocking moves ~1e-5
+    assert (both[0] - both[1]).abs().max() > 1e-3
+
+
+def test_bad_sampler_or_steps_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        model.make_sampler("euler-ish", 10)
+    with pytest.raises(ValueError, match="steps"):
+        model.make_sampler("ddim", 0)
+
+
+def tiny_checkpoint():
+    torch.manual_seed(0)
+    unet = model.build_unet(32, "tiny")
+    ema = model.build_unet(32, "tiny")
+    opt = torch.optim.AdamW(unet.parameters())
+    unet(torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), class_labels=torch.tensor([0, 1])).sample.mean().backward()
+    opt.step()
+    return unet, {"model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": None,
+                  "step": 1, "unet_config": model.unet_config(unet), "classes": model.CLASSES, "image_size": 32,
+                  "args": {"lr": 1e-4, "preset": "tiny"}, "rng": {"torch": torch.get_rng_state()}}
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    unet, ckpt = tiny_checkpoint()
+    model.save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed, not left behind
+    back = model.load_checkpoint(str(tmp_path))  # a run folder works as well as the file
+    for k, v in ckpt["model"].items():
+        assert torch.equal(back["model"][k], v)
+    assert back["optimizer"]["state"][0]["exp_avg"].equal(ckpt["optimizer"]["state"][0]["exp_avg"])
+    assert back["classes"] == model.CLASSES and back["step"] == 1 and back["args"]["preset"] == "tiny"
+    rebuilt = model.unet_from_checkpoint(back, ema=False)
+    x, t, y = torch.randn(1, 1, 32, 32), torch.tensor([3]), torch.tensor([2])
+    assert torch.equal(rebuilt(x, t, class_labels=y).sample, unet.eval()(x, t, class_labels=y).sample)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this object would run os.system and create the marker file
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_asks_to_unpickle_objects_is_refused_and_its_code_never_runs(tmp_path):
+    _, ckpt = tiny_checkpoint()
+    marker = tmp_path / "pwned"
+    ckpt["args"] = Payload(marker)
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        torch.save(ckpt, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(ValueError, match="refused"):
+        model.load_checkpoint(str(bad))
+    assert not marker.exists()
+
+
+def test_foreign_and_missing_files_are_clear_errors(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+        model.load_checkpoint(str(tmp_path / "other.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        model.load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        model.load_checkpoint(str(tmp_path / "nothing.pt"))
+
+
+def test_export_loads_with_from_pretrained_and_gives_the_same_outputs(tmp_path):
+    unet, _ = tiny_checkpoint()
+    unet.eval()
+    model.export_pretrained(unet, str(tmp_path / "unet"))
+    model.export_pretrained(unet, str(tmp_path / "unet"))  # a second export replaces the first cleanly
+    assert sorted(os.listdir(tmp_path / "unet")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["unet"]
+    loaded = UNet2DModel.from_pretrained(tmp_path / "unet").eval()
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 900]), torch.tensor([5, model.NULL_CLASS])
+    assert torch.equal(loaded(x, t, class_labels=y).sample, unet(x, t, class_labels=y).sample)
+
+
+def test_flops_scale_with_pixels_and_match_a_hand_count_for_one_conv():
+    base = model.build_unet(256, "base")
+    f128, f256 = model.flops_per_image(base, 128), model.flops_per_image(base, 256)
+    assert 3.8 < f256 / f128 < 4.2  # convolutions dominate: 4x the pixels, about 4x the work
+    conv_in = 2 * 1 * 128 * 3 * 3 * 256 * 256  # 2 * C_in * C_out * k * k * H * W: the first conv alone
+    assert f256 > 100 * conv_in
+    assert 4.5e11 < f256 < 5.5e11  # ~496 GFLOP a forward at 256x256: the number MFU divides by
