@@ -1,0 +1,343 @@
+"""
+Prepare the NIH ChestX-ray14 images for class-conditional diffusion: pick the single-label images of 6 classes,
+split them 80/10/10 by patient (seeded, stratified), resolve paths, and cache them as one uint8 (N, size, size) array.
+
+    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--seed 0] [--size 256]
+                           [--workers N] [--no-cache] [--overwrite]
+    python prepare_data.py --demo --out data/demo [--seed 0] [--size 256]   # phantom CXRs, seconds on a CPU
+
+Writes into --out: metadata.parquet, train.csv, val.csv, test.csv, cache.npy (unless --no-cache),
+missing.csv (in the label file, not on disk), bad_images.csv (on disk, unreadable).
+"""
+import argparse
+import contextlib
+import os
+import shutil
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
+from tqdm import tqdm
+
+CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]  # class_id order
+FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+            "Infiltration", "Mass", "No Finding", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
+SPLITS, FRACS = ["train", "val", "test"], np.array([0.8, 0.1, 0.1])
+NEEDED = ["Image Index", "Finding Labels", "Patient ID"]
+LIST_COLS = ["image_index", "patient_id", "label", "class_id", "path", "cache_row"]
+ERR = "prepare_data.py: error:"
+
+
+def norm(name):  # 'Pleural_Thickening', ' pleural thickening ' and 'PLEURAL THICKENING' are one finding
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+def read_labels(csv):
+    """Data_Entry_2017.csv (trailing comma on every line) or Data_Entry_2017_v2020.csv[.gz] -> DataFrame of NEEDED."""
+    try:  # index_col=False: a trailing comma must not turn 'Image Index' into the index
+        df = pd.read_csv(csv, index_col=False, dtype=str, usecols=lambda c: c.strip() in NEEDED)
+    except (ValueError, OSError, EOFError) as e:  # missing file, bad gzip, not a CSV
+        raise SystemExit(f"{ERR} --csv {csv}: cannot read: {e}")
+    df.columns = [c.strip() for c in df.columns]
+    for col in NEEDED:
+        if col not in df.columns:
+            raise SystemExit(f"{ERR} --csv {csv}: no column '{col}'")
+    pid = pd.to_numeric(df["Patient ID"], errors="coerce")
+    if len(df) == 0 or pid.isna().any() or df["Image Index"].isna().any():
+        raise SystemExit(f"{ERR} --csv {csv}: empty file, or empty/non-integer 'Patient ID' or 'Image Index'")
+    return pd.DataFrame({"image_index": df["Image Index"].str.strip(), "patient_id": pid.astype("int64"),
+                         "labels": df["Finding Labels"].fillna("")})
+
+
+def parse_findings(labels, csv=""):
+    """'Effusion|Mass' strings -> (N, 15) int64 0/1 matrix over FINDINGS; an unknown name is an error."""
+    codes, uniq = pd.factorize(labels)  # ~800 distinct label strings in 112k rows: parse each once
+    canon, U = [norm(f) for f in FINDINGS], np.zeros((len(uniq), len(FINDINGS)), dtype=np.int64)
+    for i, s in enumerate(uniq):
+        for tok in s.split("|"):
+            if norm(tok) not in canon:
+                raise SystemExit(f"{ERR} --csv {csv}: unknown finding '{tok}'")
+            U[i, canon.index(norm(tok))] = 1
+    return U[codes]
+
+
+def select_classes(df, M):
+    """Keep rows whose whole label set is exactly one of CLASSES; adds label, class_id and the 15 finding columns."""
+    name = np.array(FINDINGS)[M.argmax(1)]
+    keep = (M.sum(1) == 1) & np.isin(name, CLASSES)
+    out = df.loc[keep, ["image_index", "patient_id"]].copy()
+    out["label"] = name[keep]
+    out["class_id"] = np.array([CLASSES.index(n) for n in name[keep]], dtype=np.int64)
+    out[FINDINGS] = M[keep]
+    return out.sort_values("image_index", kind="stable").reset_index(drop=True)
+
+
+def split_patients(df, seed=0):
+    """Patient-level 80/10/10 split of df (patient_id, class_id), balanced per class by image count.
+    Greedy: patients go rarest class first, larger patients first (shuffled among equals), each to the split
+    with the largest relative image deficit. Depends only on the label rows and the seed."""
+    pids, inv = np.unique(df["patient_id"].to_numpy(), return_inverse=True)
+    V = np.zeros((len(pids), len(CLASSES)))  # (P, C) images per patient and class
+    np.add.at(V, (inv, df["class_id"].to_numpy()), 1)
+    total = V.sum(0)  # (C,)
+    stratum = np.where(V > 0, total, np.inf).argmin(1)  # each patient's rarest class
+    order = np.random.default_rng(seed).permutation(len(pids))
+    order = order[np.lexsort((-V.sum(1)[order], total[stratum[order]]))]  # stable: shuffle breaks ties
+    target = np.outer(FRACS, total)  # (3, C) images wanted per split and class
+    cur, side = np.zeros_like(target), np.empty(len(pids), dtype=np.int64)
+    w = 1.0 / np.maximum(target, 1)
+    for p in order:
+        s = int((((target - cur) * w) @ V[p]).argmax())  # relative deficit, weighted by this patient's images
+        side[p] = s
+        cur[s] += V[p]
+    return np.array(SPLITS)[side[inv]]
+
+
+def index_images(root):
+    """Walk --images once (images_001/images/..., or flat): file name -> absolute path; first in sorted order wins."""
+    paths = {}
+    for d, dirs, files in os.walk(os.path.realpath(root)):
+        dirs.sort()
+        for f in sorted(files):
+            paths.setdefault(f, os.path.join(d, f))
+    return paths
+
+
+def load_gray(path, size):
+    """One image -> (size, size) uint8 grayscale, antialiased. 16-bit is scaled by its own range, not clipped."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            lo, hi = a.min(), a.max()
+            im = Image.fromarray(np.round((a - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8))
+        else:
+            im = im.convert("L")  # RGB/RGBA/LA/P -> L (alpha dropped)
+        return np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0), dtype=np.uint8)
+
+
+def _decode(job):
+    try:
+        return load_gray(*job), ""
+    except Exception as e:  # any corrupt file: report it, keep going
+        return None, f"{type(e).__name__}: {e}"
+
+
+def build_cache(paths, size, workers, dst):
+    """Decode every path (in order) into dst, a (N', size, size) uint8 .npy; returns per-path error ('' = ok)."""
+    X = np.lib.format.open_memmap(dst + ".tmp", mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+    errs, jobs, r = [], [(p, size) for p in paths], 0
+    with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        it = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)  # imap keeps the order
+        for x, err in tqdm(it, total=len(jobs), desc=f"cache {size}px", unit="img"):
+            errs.append(err)
+            if x is not None:  # good images packed at the front: row r = r-th good image
+                X[r], r = x, r + 1
+    if r < len(paths):  # some were unreadable: copy the packed rows into a file of the right shape
+        Y = np.lib.format.open_memmap(dst + ".tmp2", mode="w+", dtype=np.uint8, shape=(r, size, size))
+        for i in range(0, r, 4096):
+            Y[i:i + 4096] = X[i:min(i + 4096, r)]
+        Y.flush()
+        os.replace(dst + ".tmp2", dst + ".tmp")
+    X.flush()
+    del X
+    os.replace(dst + ".tmp", dst)
+    return errs
+
+
+def write_csv(df, path):
+    df.to_csv(path + ".tmp", index=False)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# phantom CXR (--demo): standard PA view, patient's right on image LEFT, heart bulging to image RIGHT. Never flipped.
+
+def sig(x, w):  # soft step 0 -> 1 around x = 0 with edge width w (logistic, written with tanh: no overflow)
+    return 0.5 + 0.5 * np.tanh(x * (0.5 / w))
+
+
+def lung(u, v, s, a):
+    """Soft lung mask, s=-1 image-left (patient's right) / +1 image-right, floor = that hemidiaphragm's dome."""
+    cx, dome = s * 0.44 * a["w"], a["dome"][int(s > 0)]
+    e = ((u - cx) / (0.36 * a["w"])) ** 2 + ((v - 0.2) / (0.2 - a["top"])) ** 2
+    return sig(1 - e, 0.06) * sig(s * u - 0.11, 0.015) * sig(dome + 2.0 * (u - s * 0.3) ** 2 - v, 0.012)
+
+
+def vessels(rng, n, hila):
+    """Branching lung markings fanning out from the hila, drawn with PIL: (n, n) float in [0, 1]."""
+    im = Image.new("L", (n, n))
+    draw = ImageDraw.Draw(im)
+    todo = [(x, y, ang, 0.2, 4.0) for x, y, s in hila for ang in s * np.array([0.2, 0.8, 1.4, 2.0, 2.6]) - s * 0.9
+            + (s < 0) * np.pi]
+    while todo:
+        x, y, ang, L, wd = todo.pop()
+        x2, y2 = x + L * np.cos(ang), y + L * np.sin(ang)
+        draw.line([((x + 1) * n / 2, (y + 1) * n / 2), ((x2 + 1) * n / 2, (y2 + 1) * n / 2)], fill=255,
+                  width=max(1, int(wd * n / 256)))
+        if L > 0.05:
+            todo += [(x2, y2, ang + d + rng.normal(0, 0.15), L * 0.72, wd * 0.7) for d in (-0.35, 0.35)]
+    return np.asarray(im.filter(ImageFilter.GaussianBlur(1.5 * n / 256)), dtype=np.float32) / 255
+
+
+def phantom(rng, a, cls, n=256):
+    """One (n, n) uint8 phantom PA chest film of class cls (index into CLASSES) for patient anatomy a."""
+    g = np.linspace(-1, 1, n, dtype=np.float32)
+    v, u = np.meshgrid(g, g, indexing="ij")  # v down, u right (image left = patient's right): (n, n)
+    u, v = u - rng.normal(0, 0.015), v - rng.normal(0, 0.015)  # per-image positioning and inspiration
+    a = dict(a, dome=[float(d) + rng.normal(0, 0.015) for d in a["dome"]])  # float32 stays float32
+    s, shift = a["side"], 0.0
+    if cls == 1:  # atelectasis: volume loss pulls mediastinum and hemidiaphragm toward the collapsed lobe
+        shift = 0.06 * s
+        a["dome"] = [d - 0.1 * (k == s) for d, k in zip(a["dome"], (-1, 1))]
+    body = sig(a["w"] + 0.12 - np.abs(u) - 0.5 * sig(-0.78 - v, 0.04), 0.03)  # chest wall, neck at the top
+    hrx = a["heart"] * (1.6 if cls == 2 else 1.0)  # cardiomegaly: cardiothoracic ratio ~0.65 instead of ~0.42
+    hcx = 0.1 + shift + 0.45 * (hrx - a["heart"])  # the left ventricle bulges to image right
+    heart = sig(1 - ((u - hcx) / hrx) ** 2 - ((v - a["dome"][1] + 0.12) / 0.27) ** 2, 0.07)
+    L = {k: lung(u, v, k, a) * (1 - heart) for k in (-1, 1)}  # heart and mediastinum: no aerated lung
+    I, aer, ves = 0.8 * body, 0, a["ves"]  # ves: (n, n) this patient's vessel tree
+    for k in (-1, 1):
+        air, mk = L[k], ves * L[k]
+        if cls == 5 and k == s:  # pneumothorax: lung collapsed to the hilum, black rim with no markings beyond
+            hx = k * 0.2 * a["w"]
+            c = sig(lung(hx + (u - hx) / 0.55, -0.05 + (v + 0.05) / 0.55, k, a) * (1 - heart) - 0.5, 0.06)
+            air, mk = air * (1.3 - 0.4 * c), ves * c + 1.5 * (4 * c * (1 - c)) ** 2  # sharp visceral pleural line
+        if cls == 3 and k == s:  # effusion: dependent fluid, meniscus climbing the lateral wall, angle blunted
+            fluid = sig(v - (a["dome"][int(k > 0)] - 0.3 - 0.3 * ((k * u - 0.12) / 0.7) ** 2), 0.02)
+            air, mk = air * (1 - fluid), mk * (1 - fluid)
+        if cls == 1 and k == s:  # atelectasis: dense airless wedge (upper lobe), apex at the hilum
+            wedge = sig(0.5 - np.abs(np.arctan2(-(v + 0.05), k * u - 0.1) - 1.25), 0.06) * L[k]
+            air, mk = air * (1 - 0.95 * wedge), mk * (1 - wedge)
+        if cls == 4 and k == s:  # pneumonia: patchy airspace opacity, mid and lower zone
+            lo = Image.fromarray(rng.normal(0, 1, (10, 10)).astype(np.float32))  # coarse noise -> patches
+            lo = np.asarray(lo.resize((n, n), Image.BICUBIC))
+            air = air * (1 - 0.7 * sig(np.exp(-((u - k * 0.42) ** 2 + (v - 0.2) ** 2) / 0.12) + 0.3 * lo - 0.5, 0.06))
+        I = I - 0.55 * air + 0.15 * mk
+        aer = aer + air
+    I = I + 0.05 * np.exp(-((u - 0.16 - shift) ** 2 + (v + 0.3) ** 2) / 0.006)  # aortic knob, patient's left
+    I = I - 0.2 * sig(0.035 - np.abs(u - shift * sig(-v - 0.6, 0.1)), 0.01) * sig(-0.25 - v, 0.03)  # trachea
+    I = I + 0.05 * sig(0.06 - np.abs(u), 0.01) * (0.5 + 0.5 * np.cos(v * 55)) * body  # spine, endplates
+    t = (v - a["top"] + 0.05 - 1.1 * (np.abs(u) - 0.3) ** 2) / a["rib"]  # posterior ribs: up-and-out, then down
+    d = np.abs(t - np.round(t)) * a["rib"] + np.float32(0.1) * ((t < -0.4) | (t > 9.4))  # to nearest rib centre
+    ribs = sig(0.024 - d, 0.007) * (1 + 0.6 * sig(d - 0.016, 0.003))  # brighter cortex at the rib edges
+    ribs = ribs * sig(np.abs(u) - 0.08, 0.02) * sig(a["w"] + 0.05 - np.abs(u), 0.02)
+    clav = sig(0.035 - np.abs(v - (-0.6 - 0.25 * (np.abs(u) - 0.1) + 0.25 * (np.abs(u) - 0.4) ** 2)), 0.008)
+    I = I + body * (0.07 * ribs * (0.3 + aer) + 0.15 * clav * sig(0.7 - np.abs(u), 0.03))
+    I = I + 0.015 * rng.standard_normal(I.shape, dtype=np.float32)  # quantum noise
+    I = np.clip(I * a["gain"] + 0.02, 0, 1) ** a["gamma"]
+    return (255 * I).astype(np.uint8)
+
+
+def make_demo(raw, seed=0):
+    """Write a phantom NIH-style dataset to raw/: Data_Entry_2017.csv (trailing commas) + images_001/images/*.png."""
+    rng = np.random.default_rng(seed)
+    img_dir = os.path.join(raw, "images_001", "images")
+    shutil.rmtree(raw, ignore_errors=True)
+    os.makedirs(img_dir)
+    cls = rng.permutation(np.repeat(np.arange(6), [70, 16, 10, 16, 10, 12]))  # patients per class, skewed like NIH
+    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+             "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("synthetic", "1 (phantom from prepare_data.py --demo)")
+    for pid, c in enumerate(tqdm(cls, desc="demo phantoms", unit="patient"), start=1):
+        a = {"w": rng.uniform(0.78, 0.88), "top": rng.uniform(-0.8, -0.7), "rib": rng.uniform(0.125, 0.145),
+             "dome": rng.uniform(0.38, 0.48) + np.array([0.0, 0.05]), "heart": rng.uniform(0.31, 0.36),
+             "side": int(rng.choice([-1, 1])), "gain": rng.uniform(0.95, 1.1), "gamma": rng.uniform(0.9, 1.1)}
+        a["ves"], age = vessels(rng, 256, [(k * 0.2 * a["w"], -0.05, k) for k in (-1, 1)]), rng.integers(20, 80)
+        labels = [c] * int(rng.integers(2, 6)) + ([0] if c and c != 2 and rng.random() < 0.3 else [])  # resolved later
+        for f, y in enumerate(labels):
+            name = f"{pid:08d}_{f:03d}.png"
+            Image.fromarray(phantom(rng, a, y)).save(os.path.join(img_dir, name), pnginfo=info)
+            lines.append(f"{name},{CLASSES[y]},{f},{pid},{age + f // 2},{'MF'[pid % 2]},PA,256,256,0.143,0.143,")
+    with open(os.path.join(raw, "Data_Entry_2017.csv"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return os.path.join(raw, "Data_Entry_2017.csv"), raw
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare NIH ChestX-ray14 (or a phantom demo) for training.")
+    # ---- input ----
+    p.add_argument("--csv", help="Data_Entry_2017.csv or Data_Entry_2017_v2020.csv[.gz]")
+    p.add_argument("--images", help="root holding the unpacked images (searched recursively)")
+    p.add_argument("--demo", action="store_true", help="generate a phantom dataset in --out/raw and prepare it")
+    # ---- output ----
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split (and of the demo)")
+    # ---- cache ----
+    p.add_argument("--size", type=int, default=256, help="cached image side in pixels")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
+    p.add_argument("--no-cache", action="store_true", help="skip decoding images into cache.npy")
+    args = p.parse_args(argv)
+    out = args.out
+    if os.path.exists(os.path.join(out, "metadata.parquet")) and not args.overwrite:
+        raise SystemExit(f"{ERR} --out {out} already holds a prepared dataset (metadata.parquet); pass --overwrite")
+    if args.size < 1 or args.workers < 1:
+        raise SystemExit(f"{ERR} --size and --workers must be >= 1")
+    if args.demo:
+        args.csv, args.images = make_demo(os.path.join(out, "raw"), args.seed)  # creates --out too
+    elif not args.csv or not args.images:
+        raise SystemExit(f"{ERR} --csv and --images are required (or use --demo)")
+    if not os.path.isdir(args.images):
+        raise SystemExit(f"{ERR} --images {args.images}: no such directory")
+
+    # ---- labels -> kept images -> patient split (before looking at the disk: the split never depends on it) ----
+    t0 = time.time()
+    raw = read_labels(args.csv)
+    meta = select_classes(raw, parse_findings(raw["labels"], args.csv))
+    if len(meta) == 0:
+        raise SystemExit(f"{ERR} --csv {args.csv}: no image labelled exactly one of {CLASSES}")
+    meta["split"] = split_patients(meta, args.seed)
+    assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
+    print(f"{len(raw)} label rows -> {len(meta)} single-label images of {meta.patient_id.nunique()} patients")
+
+    # ---- resolve paths; missing images are dropped, counted and listed ----
+    meta["path"] = meta["image_index"].map(index_images(args.images))
+    missing = meta[meta["path"].isna()]
+    meta = meta[meta["path"].notna()].reset_index(drop=True)
+    if len(missing):
+        print(f"{len(missing)} images not found under {args.images} (missing.csv):")
+        print(pd.crosstab(missing.label, missing.split).reindex(index=CLASSES, columns=SPLITS, fill_value=0))
+    if len(meta) == 0:
+        raise SystemExit(f"{ERR} --images {args.images}: none of the images in {args.csv} found")
+    print(f"labels and paths: {time.time() - t0:.1f}s")
+
+    # ---- cache: decode once, corrupt files out of the splits ----
+    os.makedirs(out, exist_ok=True)
+    meta["cache_row"] = np.int64(-1)
+    bad = meta.iloc[:0].assign(error="")
+    for f in ("metadata.parquet", "cache.npy"):  # --overwrite: the old dataset is gone before the new is written
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    if not args.no_cache:
+        errs = np.array(build_cache(meta["path"].tolist(), args.size, args.workers, os.path.join(out, "cache.npy")))
+        bad = meta[errs != ""].assign(error=errs[errs != ""])
+        meta = meta[errs == ""].reset_index(drop=True)
+        meta["cache_row"] = np.arange(len(meta), dtype=np.int64)
+        if len(bad):
+            print(f"{len(bad)} unreadable images dropped (bad_images.csv)")
+
+    # ---- write: temp name + rename; metadata.parquet last, it marks a finished dataset ----
+    meta = meta[["image_index", "patient_id", "label", "class_id", "split", "path", "cache_row"] + FINDINGS]
+    write_csv(missing[["image_index", "patient_id", "label", "class_id", "split"]], os.path.join(out, "missing.csv"))
+    write_csv(bad[["image_index", "patient_id", "label", "class_id", "split", "path", "error"]],
+              os.path.join(out, "bad_images.csv"))
+    for sp in SPLITS:
+        write_csv(meta.loc[meta.split == sp, LIST_COLS], os.path.join(out, f"{sp}.csv"))
+    dst = os.path.join(out, "metadata.parquet")  # schema metadata dropped: same inputs -> same bytes
+    pq.write_table(pa.Table.from_pandas(meta, preserve_index=False).replace_schema_metadata(None), dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+    img = pd.crosstab(meta.label, meta.split).reindex(index=CLASSES, columns=SPLITS, fill_value=0)
+    pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=CLASSES, columns=SPLITS)
+    share = (100 * img.div(img.sum(axis=1).clip(lower=1), axis=0)).round(1)
+    print(pd.concat({"images": img, "patients": pat.fillna(0).astype(int), "share %": share}, axis=1).to_string())
+    print(f"total: {len(meta)} images, {meta.patient_id.nunique()} patients -> {out}")
+
+
+if __name__ == "__main__":
+    main()
