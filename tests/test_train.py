@@ -1,0 +1,280 @@
+"""train.py on tiny fabricated prepared-data folders (the data contract), CPU, preset tiny, 32 px."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+import model
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--image-size", "32", "--num-workers", "0", "--eval-every", "0", "--sample-every", "0",
+        "--log-every", "0", "--device", "cpu"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses: one thread each on the 2 shared cores
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two threads on 2 cores shared with other processes stall in OpenMP barriers: 1 thread is ~5x faster here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_data(d, counts=(6, 0, 0, 0, 6, 0), size=32, cache=True, png_size=None):
+    """A prepared-data folder: train/val/test.csv, PNGs, and cache.npy whose rows are shuffled vs the csv order."""
+    os.makedirs(d, exist_ok=True)
+    rows, images = [], []
+    for c, n in enumerate(counts):
+        for i in range(n + 4 if n else 0):  # n train, 2 val, 2 test images per present class
+            yy, xx = np.mgrid[:size, :size]
+            img = (40 + 30 * c + 20 * np.sin(xx / 3 + yy / (c + 2) + i)).clip(0, 255).astype(np.uint8)
+            path = os.path.join(d, f"{c}_{i}.png")
+            Image.fromarray(img).resize((png_size or size,) * 2).save(path)
+            split = "train" if i < n else "val" if i < n + 2 else "test"
+            rows.append(dict(image_index=f"{c}_{i}.png", patient_id=len(rows), label=model.CLASSES[c], class_id=c,
+                             path=path, split=split))
+            images.append(img)
+    df = pd.DataFrame(rows)
+    order = np.random.default_rng(0).permutation(len(df))
+    df["cache_row"] = order if cache else -1
+    if cache:
+        cache_arr = np.zeros((len(df), size, size), np.uint8)
+        cache_arr[order] = np.stack(images)
+        np.save(os.path.join(d, "cache.npy"), cache_arr)
+    for split in ("train", "val", "test"):
+        df[df.split == split].drop(columns="split").to_csv(os.path.join(d, f"{split}.csv"), index=False)
+    return str(d)
+
+
+def run(data, out, *flags):
+    return train.main(["--data-dir", data, "--out-dir", str(out), *TINY, *flags])
+
+
+def sd_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+# -----------------------------------------------------------------------------
+# the small functions: LR, EMA, label dropout, data order, batches
+
+
+def test_lr_warmup_then_cosine_to_zero():
+    assert train.lr_at(0, 1e-4, 10, 110) == pytest.approx(1e-5)
+    assert train.lr_at(4, 1e-4, 10, 110) == pytest.approx(5e-5)
+    assert train.lr_at(10, 1e-4, 10, 110) == pytest.approx(1e-4)  # peak right after warmup
+    assert train.lr_at(60, 1e-4, 10, 110) == pytest.approx(5e-5)  # half-way down the cosine
+    assert train.lr_at(85, 1e-4, 10, 110) == pytest.approx(1e-4 * 0.5 * (1 + np.cos(np.pi * 0.75)))
+    assert train.lr_at(110, 1e-4, 10, 110) == pytest.approx(0, abs=1e-12)
+
+
+def test_ema_update_hand_computed():
+    ema, net = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        ema.weight.fill_(1.0), ema.bias.fill_(-2.0), net.weight.fill_(3.0), net.bias.fill_(0.0)
+    train.ema_update(ema, net, 0.9)
+    assert torch.allclose(ema.weight, torch.full((1, 2), 0.9 * 1 + 0.1 * 3))
+    assert torch.allclose(ema.bias, torch.tensor([0.9 * -2 + 0.1 * 0]))
+    assert torch.equal(net.weight, torch.full((1, 2), 3.0))  # the model itself is untouched
+
+
+def test_label_dropout_rate():
+    y = torch.zeros(200_000, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0, 0.1, 0.5, 1.0):
+        out = train.drop_labels(y, p, g)
+        assert set(out.unique().tolist()) <= {0, model.NULL_CLASS}
+        assert (out == model.NULL_CLASS).float().mean().item() == pytest.approx(p, abs=0.005)
+
+
+@pytest.mark.parametrize("balance, shares", [("none", [64, 16, 4]), ("sqrt", [8, 4, 2]), ("inverse", [1, 1, 1])])
+def test_balanced_sampling_proportions(balance, shares):
+    class_id = np.repeat([0, 3, 4], [64, 16, 4])  # No Finding, Effusion, Pneumonia
+    w = train.class_weights(class_id, balance)
+    stream = train.index_stream(w, balance != "none", seed=0, start=0)
+    drawn = class_id[[next(stream) for _ in range(84 * 300)]]
+    got = np.array([(drawn == c).mean() for c in (0, 3, 4)])
+    assert got == pytest.approx(np.array(shares) / sum(shares), abs=0.015)
+    if balance == "none":  # an 'epoch' is a permutation: every image exactly once
+        first = train.index_stream(w, False, seed=0, start=0)
+        assert sorted(next(first) for _ in range(84)) == list(range(84))
+
+
+def test_data_order_is_a_function_of_seed_and_position():
+    w = train.class_weights(np.repeat([0, 4], [7, 3]), "sqrt")
+    full = train.index_stream(w, True, seed=5, start=0)
+    full = [next(full) for _ in range(40)]
+    resumed = train.index_stream(w, True, seed=5, start=23)  # what --resume at image 23 sees
+    assert [next(resumed) for _ in range(17)] == full[23:]
+    other = train.index_stream(w, True, seed=6, start=0)
+    assert [next(other) for _ in range(40)] != full
+    # two ranks split every global batch without overlap
+    r0 = train.rank_batches(train.index_stream(w, True, 5, 0), 4, 0, 2)
+    r1 = train.rank_batches(train.index_stream(w, True, 5, 0), 4, 1, 2)
+    assert next(r0) + next(r1) == full[:8] and next(r0) + next(r1) == full[8:16]
+
+
+def test_load_batch_reads_cache_rows_and_pngs_alike(tmp_path):
+    data = make_data(tmp_path / "d")
+    df = pd.read_csv(os.path.join(data, "train.csv"))
+    cols = df.cache_row.to_numpy(), df.path.to_numpy(), df.class_id.to_numpy()
+    x_cache, y = train.load_batch([3, 0, 7], os.path.join(data, "cache.npy"), *cols, 32)
+    x_png, y_png = train.load_batch([3, 0, 7], None, *cols, 32)
+    assert x_cache.shape == (3, 1, 32, 32) and x_cache.dtype == torch.uint8
+    assert torch.equal(x_cache, x_png) and torch.equal(y, y_png) and y.tolist() == df.class_id[[3, 0, 7]].tolist()
+
+# -----------------------------------------------------------------------------
+# whole runs
+
+
+def test_tiny_model_overfits_and_writes_the_run_folder(tmp_path):
+    data, out = make_data(tmp_path / "d"), tmp_path / "run"
+    run(data, out, "--max-steps", "30", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "3",
+        "--log-every", "5", "--eval-every", "15", "--sample-every", "30", "--sample-per-class", "1")
+    m = pd.read_csv(out / "metrics.csv")
+    assert list(m.columns) == ["step", "loss", "lr", "img_per_s", "val_loss"] and m.step.tolist() == [5, 10, 15, 20, 25, 30]
+    assert m.loss.iloc[-1] < 0.4 * m.loss.iloc[0]  # falls well below its start
+    assert m.lr.tolist() == pytest.approx([train.lr_at(s - 1, 2e-3, 3, 30) for s in m.step], rel=1e-4)
+    assert m.val_loss.notna().tolist() == [False, False, True, False, False, True]
+    grid = Image.open(out / "samples_step000030.png")
+    assert grid.size == (train.LABEL_W + 32, 6 * 32) and grid.text["synthetic"] == "1"
+    ckpt = model.load_checkpoint(str(out))  # weights_only=True
+    assert {"model", "ema", "optimizer", "scaler", "step", "unet_config", "classes", "image_size", "args",
+            "rng"} <= ckpt.keys()
+    assert ckpt["step"] == 30 and ckpt["image_size"] == 32 and ckpt["classes"] == model.CLASSES
+    assert not any("_orig_mod" in k for k in ckpt["model"])
+    exported = UNet2DModel.from_pretrained(out / "unet")  # the EMA weights
+    assert sd_equal(exported.state_dict(), ckpt["ema"])
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = make_data(tmp_path / "d")
+    flags = ["--max-steps", "6", "--batch-size", "4", "--grad-accum", "2", "--warmup-steps", "2",
+             "--balance", "sqrt", "--cond-drop", "0.5", "--lr", "1e-3", "--ema-decay", "0.5", "--save-every", "2"]
+    run(data, tmp_path / "straight", *flags)
+    # the same run, stopped by SIGTERM after step 3 (the handler finishes the step and saves), then resumed
+    real_ema_update, calls = train.ema_update, []
+
+    def ema_update_then_sigterm(ema, net, decay):
+        real_ema_update(ema, net, decay)
+        calls.append(decay)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "ema_update", ema_update_then_sigterm)
+    run(data, tmp_path / "stopped", *flags)
+    assert model.load_checkpoint(str(tmp_path / "stopped"))["step"] == 3
+    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    train.main(["--resume", "--out-dir", str(tmp_path / "stopped")])  # every other flag comes from the checkpoint
+    a, b = model.load_checkpoint(str(tmp_path / "straight")), model.load_checkpoint(str(tmp_path / "stopped"))
+    assert b["step"] == 6
+    assert sd_equal(a["model"], b["model"]) and sd_equal(a["ema"], b["ema"])  # bitwise
+    assert all(sd_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k]) for k in a["optimizer"]["state"])
+
+
+def test_first_step_ema_warmup_and_run_folder_guards(tmp_path):
+    data, out = make_data(tmp_path / "d"), tmp_path / "run"
+    unet, ema = run(data, out, "--max-steps", "1", "--batch-size", "4", "--seed", "3")
+    torch.manual_seed(3)  # train.py seeds, then builds: the initial weights
+    init = model.build_unet(32, "tiny").state_dict()
+    decay = min(0.9999, (1 + 0) / (10 + 0))  # EMA warm-up: the first update keeps only 10% of the init
+    for k, v in ema.state_dict().items():
+        assert torch.allclose(v, decay * init[k] + (1 - decay) * unet.state_dict()[k], atol=1e-6), k
+    with pytest.raises(SystemExit, match="train.py: error: .*already holds a run.*--resume"):  # never overwrite
+        run(data, out, "--max-steps", "2")
+    data64 = make_data(tmp_path / "d64", size=64)
+    with pytest.raises(SystemExit, match="train.py: error: --resume: .*trained at 32px"):
+        train.main(["--resume", "--out-dir", str(out), "--data-dir", data64, "--image-size", "64"])
+    ckpt = model.load_checkpoint(str(out))
+    ckpt["classes"] = model.CLASSES[:5]
+    model.save_checkpoint(str(out / "ckpt.pt"), ckpt)
+    with pytest.raises(SystemExit, match="train.py: error: --resume: .*classes"):
+        train.main(["--resume", "--out-dir", str(out)])
+
+
+def test_png_fallback_decodes_in_workers(tmp_path):
+    data = make_data(tmp_path / "d", cache=False, png_size=40)  # --no-cache layout: cache_row -1, PNGs of another size
+    unet, _ = run(data, tmp_path / "run", "--max-steps", "2", "--batch-size", "4", "--num-workers", "1")
+    ckpt = model.load_checkpoint(str(tmp_path / "run"))
+    assert ckpt["step"] == 2 and ckpt["image_size"] == 32 and unet.config.sample_size == 32
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data, out = make_data(tmp_path / "d"), tmp_path / "run"
+    with pytest.raises(SystemExit, match="train.py: error: loss is (nan|inf) at step") as e:
+        run(data, out, "--max-steps", "20", "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0",
+            "--clip", "0", "--log-every", "1", "--save-every", "1")
+    bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    assert model.load_checkpoint(str(out))["step"] == bad_step - 1  # the step before the bad one, not overwritten
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("no data", ["--data-dir", "{tmp}/nothing"], "no train.csv; prepare the data first: python prepare_data.py"),
+    ("empty split", ["--data-dir", "{tmp}/empty"], "train.csv: the train split has no rows"),
+    ("size vs cache", ["--data-dir", "{tmp}/d", "--image-size", "64"], "--image-size 64 does not match .*cache.npy"),
+    ("batch 0", ["--data-dir", "{tmp}/d", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    ("preset", ["--data-dir", "{tmp}/d", "--preset", "huge"], "--preset huge: unknown; choose from base, small, tiny"),
+    ("size vs preset", ["--data-dir", "{tmp}/d", "--preset", "small", "--image-size", "48"], "does not fit preset"),
+])
+def test_bad_input_is_one_line_error(tmp_path, case, flags, message):
+    make_data(tmp_path / "d")
+    os.makedirs(tmp_path / "empty")
+    pd.DataFrame(columns=["image_index", "patient_id", "label", "class_id", "path", "cache_row"]).to_csv(
+        tmp_path / "empty" / "train.csv", index=False)
+    argv = ["--out-dir", str(tmp_path / "run"), *TINY, *[f.format(tmp=tmp_path) for f in flags]]
+    if case == "size vs preset":  # no cache, so any size is accepted by the data and refused by the model
+        os.remove(tmp_path / "d" / "cache.npy")
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
+    assert re.search(message, str(e.value)), str(e.value)
+    assert not os.path.exists(tmp_path / "run")  # nothing written
+
+# -----------------------------------------------------------------------------
+# processes: DDP on CPU (gloo) and SIGTERM
+
+
+def test_two_process_ddp_ends_with_identical_weights_and_one_set_of_outputs(tmp_path):
+    data, out = make_data(tmp_path / "d"), tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys, torch, train; unet, ema = train.main(sys.argv[2:]); torch.save(unet.state_dict(), sys.argv[1])"
+    argv = ["--data-dir", data, "--out-dir", str(out), *TINY, "--max-steps", "3", "--batch-size", "4",
+            "--grad-accum", "2", "--log-every", "1"]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"rank{r}.pt"), *argv], cwd=REPO,
+                              env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]
+    logs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert sd_equal(w0, w1)
+    assert sd_equal(w0, model.load_checkpoint(str(out))["model"])
+    assert pd.read_csv(out / "metrics.csv").step.tolist() == [1, 2, 3]  # rank 0 alone writes
+    assert "step 1 | loss" in logs[0] and "step 1 | loss" not in logs[1]
+    assert model.load_checkpoint(str(out))["samples_seen"] == 3 * 4 * 2 * 2  # steps x batch x accum x ranks
+
+
+def test_sigterm_mid_run_saves_a_loadable_checkpoint_and_exits_0(tmp_path):
+    data, out = make_data(tmp_path / "d"), tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-u", "train.py", "--data-dir", data, "--out-dir", str(out), *TINY,
+                          "--max-steps", "100000", "--batch-size", "4", "--log-every", "1", "--save-every", "0"],
+                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        if line.startswith("step "):  # training is under way
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, rest
+    ckpt = model.load_checkpoint(str(out))
+    assert 1 <= ckpt["step"] < 100000
+    assert os.path.isfile(out / "unet" / "config.json")

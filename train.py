@@ -1,0 +1,435 @@
+"""
+Train the class-conditional DDPM on prepared chest X-rays (prepare_data.py output): eps-MSE, AdamW, EMA, CFG.
+
+    python train.py --batch-size 8                                    # data/nih -> runs/nih-base-256
+    python train.py --data-dir data/demo --preset tiny --max-steps 2000 --device cpu          # CPU demo
+    torchrun --nproc_per_node 4 train.py --batch-size 8               # DDP, batch 8 per GPU
+    python train.py --resume --out-dir runs/nih-base-256              # continue where it stopped (or was stopped)
+
+Writes into --out-dir: ckpt.pt (model, EMA, optimizer, step, RNG: all --resume needs), metrics.csv,
+samples_step{N:06d}.png (EMA samples, one row per class), unet/ (EMA weights for UNet2DModel.from_pretrained).
+Ctrl-C or SIGTERM: finish the step, save, exit 0.
+"""
+import argparse
+import copy
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+from model import (CLASSES, NULL_CLASS, NUM_TIMESTEPS, PRESETS, add_noise, build_unet, export_pretrained,
+                   load_checkpoint, make_schedule, sample, save_checkpoint, unet_config)
+
+VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
+VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
+LABEL_W = 80        # pixels left of the sample grid for the class names
+
+
+def die(msg):
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="train the class-conditional chest X-ray DDPM")
+    # ---- data ----
+    p.add_argument("--data-dir", default="data/nih", help="prepare_data.py --out folder (train.csv, val.csv, cache.npy)")
+    p.add_argument("--out-dir", default=None, help="run folder (default runs/<data dir name>-<preset>-<size>)")
+    p.add_argument("--balance", default="none", help="class weights for drawing training images: none|sqrt|inverse")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
+    # ---- model ----
+    p.add_argument("--preset", default="base", help=f"UNet size: {'|'.join(PRESETS)}")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the cache's, else 256)")
+    # ---- optimisation ----
+    p.add_argument("--batch-size", type=int, default=8, help="images per step per process (before --grad-accum)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--max-steps", type=int, default=100_000, help="optimizer steps in all (the cosine ends here)")
+    p.add_argument("--warmup-steps", type=int, default=1000, help="linear LR warmup steps")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for samples/export")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null label (classifier-free guidance)")
+    # ---- system ----
+    p.add_argument("--amp", default="auto", help="auto|bf16|fp16|off (auto: bf16 if the GPU has it, else fp16; fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--device", default=None, help="cuda|cpu (default cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the noise")
+    p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out-dir")
+    # ---- logging (an --*-every of 0 turns it off) ----
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines / metrics.csv rows")
+    p.add_argument("--eval-every", type=int, default=1000, help="steps between val losses")
+    p.add_argument("--save-every", type=int, default=1000, help="steps between ckpt.pt saves (also saved at the end)")
+    p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids")
+    p.add_argument("--sample-guidance", type=float, default=2.0, help="classifier-free guidance scale of the grids")
+    p.add_argument("--sample-per-class", type=int, default=4, help="images per class (row) in a grid")
+    return p
+
+# -----------------------------------------------------------------------------
+# schedules: learning rate (linear warmup, then cosine to 0) and the EMA of the weights
+
+
+def lr_at(step, lr, warmup_steps, max_steps):
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, for every parameter (the UNet has no buffers that learn)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one op, not ~300 small ones
+
+
+def drop_labels(y, cond_drop, g):
+    """Classifier-free guidance training: each label becomes NULL_CLASS with probability cond_drop."""
+    drop = torch.rand(y.shape, generator=g, device=y.device) < cond_drop
+    return torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+
+# -----------------------------------------------------------------------------
+# data: the order of training images is a function of (seed, position) alone, so --resume is exact
+
+
+def class_weights(class_id, balance):
+    """Per-image draw weight n_c^0, n_c^-1/2 or n_c^-1: class shares become proportional to n, sqrt(n), 1."""
+    power = {"none": 0.0, "sqrt": -0.5, "inverse": -1.0}[balance]
+    n = np.bincount(class_id, minlength=len(CLASSES)).astype(np.float64)
+    return torch.from_numpy(n[class_id] ** power)
+
+
+def index_stream(weights, balanced, seed, start):
+    """Infinite stream of training-row indices from position start. 'Epoch' e (len(weights) draws) is a
+    permutation (balance none) or weighted draws with replacement, from a generator seeded by (seed, e)."""
+    n = len(weights)
+    epoch, i = divmod(start, n)
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.multinomial(weights, n, replacement=True, generator=g) if balanced else torch.randperm(n, generator=g)
+        yield from order[i:].tolist()
+        epoch, i = epoch + 1, 0
+
+
+def rank_batches(stream, batch_size, rank, world):
+    """Each global batch is batch_size * world consecutive stream items; this rank takes its slice."""
+    while True:
+        chunk = [next(stream) for _ in range(batch_size * world)]
+        yield chunk[rank * batch_size:(rank + 1) * batch_size]
+
+
+def load_batch(rows, cache, cache_row, path, class_id, size):
+    """Runs in a DataLoader worker. rows: indices into the split. Returns uint8 (B, 1, H, W), labels (B,)."""
+    if cache is not None:  # memory-mapped: only these rows are read from disk
+        x = np.load(cache, mmap_mode="r")[cache_row[rows]]
+    else:  # Pillow antialiases when it shrinks; never flipped
+        x = np.stack([np.asarray(Image.open(path[r]).convert("L").resize((size, size), Image.BILINEAR)) for r in rows])
+    return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(class_id[rows])
+
+
+def read_split(data_dir, split):
+    csv = os.path.join(data_dir, f"{split}.csv")
+    if not os.path.isfile(csv):
+        die(f"--data-dir {data_dir}: no {split}.csv; prepare the data first: python prepare_data.py "
+            f"--csv Data_Entry_2017.csv --images /data/nih --out {data_dir}  (or --demo --out {data_dir} --size 64)")
+    df = pd.read_csv(csv)
+    missing = {"class_id", "path", "cache_row"} - set(df.columns)
+    if missing:
+        die(f"{csv}: no column {sorted(missing)[0]!r}; rerun prepare_data.py")
+    if len(df) == 0:
+        die(f"{csv}: the {split} split has no rows")
+    return df
+
+
+def cache_size(data_dir):
+    cache = os.path.join(data_dir, "cache.npy")
+    return np.load(cache, mmap_mode="r").shape[1] if os.path.isfile(cache) else None
+
+
+def default_out_dir(args):
+    size = args.image_size or cache_size(args.data_dir) or 256
+    return os.path.join("runs", f"{os.path.basename(os.path.normpath(args.data_dir))}-{args.preset}-{size}")
+
+# -----------------------------------------------------------------------------
+# evaluation, samples, checkpoint helpers
+
+
+@torch.no_grad()
+def val_loss(unet, xt, t, y, eps, batch_size, autocast):
+    """Mean eps-MSE over the fixed val subset (fixed xt, t, eps: only the weights change between calls)."""
+    unet.eval()
+    total = torch.zeros((), device=xt.device)
+    for i in range(0, len(xt), batch_size):
+        s = slice(i, i + batch_size)
+        with autocast():
+            total += F.mse_loss(unet(xt[s], t[s], class_labels=y[s]).sample.float(), eps[s], reduction="sum")
+    unet.train()
+    return total.item() / eps.numel()
+
+
+def save_grid(ema, path, per_class, guidance, step, device, autocast):
+    """One row per class, EMA weights, dpm++ 25 steps, the same seeds every time so grids compare across steps."""
+    labels = torch.arange(len(CLASSES), device=device).repeat_interleave(per_class)  # (6 * per_class,)
+    with autocast():
+        x = sample(ema, labels, "dpm++", 25, guidance, [torch.Generator().manual_seed(i) for i in range(len(labels))])
+    x = ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()[:, 0]  # (6k, H, W)
+    size = x.shape[-1]
+    rows = x.reshape(len(CLASSES), per_class, size, size).transpose(0, 2, 1, 3).reshape(len(CLASSES) * size, -1)
+    im = Image.new("L", (LABEL_W + rows.shape[1], rows.shape[0]))
+    im.paste(Image.fromarray(rows), (LABEL_W, 0))
+    draw = ImageDraw.Draw(im)
+    for c, name in enumerate(CLASSES):
+        draw.text((2, c * size + size // 2 - 6), name, fill=255)
+    info = PngInfo()  # synthetic images must be recognisable as synthetic
+    info.add_text("synthetic", "1")
+    info.add_text("source", f"train.py EMA step {step}, dpm++ 25 steps, guidance {guidance}")
+    im.save(f"{path}.tmp", format="PNG", pnginfo=info)
+    os.replace(f"{path}.tmp", path)
+
+
+def rng_state():  # as plain tensors and lists: weights_only=True loads them
+    _, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), *map(float, rest)], "python": list(random.getstate()[1])}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    random.setstate((3, tuple(rng["python"]), None))
+
+
+def append_metrics(path, step, loss="", lr="", img_per_s="", val=""):
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        f.write(("step,loss,lr,img_per_s,val_loss\n" if new else "") + f"{step},{loss},{lr},{img_per_s},{val}\n")
+
+
+def due(step, every):
+    return every > 0 and step % every == 0  # an --*-every of 0 turns the activity off
+
+
+def ignore_signals(worker_id):
+    # DataLoader workers leave Ctrl-C / SIGTERM to the main process, which finishes the step and saves
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def window_loss(loss_sum, n, world):
+    """Mean training loss since the last log over all ranks; the only place the loss leaves the GPU."""
+    loss_sum = loss_sum.clone()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / max(1, n * world)
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = get_parser()
+    args, ckpt = parser.parse_args(argv), None
+    if args.resume:  # the flags not given again come from the checkpoint
+        args.out_dir = args.out_dir or default_out_dir(args)
+        try:
+            ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+        except ValueError as e:
+            die(f"--resume: {e}")
+        parser.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out_dir")})
+        args = parser.parse_args(argv)
+    for flag in ("batch_size", "max_steps", "grad_accum", "sample_per_class"):
+        if getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.preset not in PRESETS:
+        die(f"--preset {args.preset}: unknown; choose from {', '.join(PRESETS)}")
+    if args.balance not in ("none", "sqrt", "inverse"):
+        die(f"--balance {args.balance}: choose none, sqrt or inverse")
+
+    # ---- data ----
+    train_df, val_df = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
+    cached = cache_size(args.data_dir)  # None: no cache.npy (prepare_data.py --no-cache), decode PNGs in the workers
+    cache = os.path.join(args.data_dir, "cache.npy") if cached else None
+    args.image_size = size = args.image_size or cached or 256
+    if cached and size != cached:
+        die(f"--image-size {size} does not match {cache} ({cached}x{cached}); leave it out or rerun prepare_data.py --size {size}")
+    args.out_dir = args.out_dir or default_out_dir(args)
+    if ckpt is None and os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
+        die(f"{args.out_dir} already holds a run (ckpt.pt): pass --resume to continue it or choose another --out-dir")
+    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != CLASSES):
+        die(f"--resume: {args.out_dir}/ckpt.pt was trained at {ckpt['image_size']}px on classes {ckpt['classes']}, "
+            f"not at {size}px on {CLASSES}; use another --out-dir")
+
+    # ---- processes, device, precision ----
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda, master = device.type == "cuda", rank == 0  # rank 0 alone logs and writes
+    if world > 1:
+        if cuda:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    amp = args.amp if args.amp != "auto" else ("off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if amp not in ("bf16", "fp16", "off") or (amp != "off" and not cuda):
+        die(f"--amp {args.amp}: choose auto, bf16, fp16 or off (bf16/fp16 need CUDA; the CPU trains in fp32)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")  # fp16 only: bf16 has fp32's range
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
+    torch.manual_seed(args.seed)
+    try:
+        unet = build_unet(size, args.preset)
+    except ValueError as e:
+        die(f"--image-size {size} / --preset {args.preset}: {e}")
+    if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
+        die(f"--resume: {args.out_dir}/ckpt.pt holds another UNet (not --preset {args.preset}); use another --out-dir")
+    memory_format = torch.channels_last if cuda else torch.contiguous_format  # faster convs on tensor cores
+    unet = unet.to(device, memory_format=memory_format).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda or None)
+    start, seen = 0, 0  # optimizer steps done, training images drawn from the stream by all ranks
+    if ckpt is not None:
+        unet.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty when saved without fp16
+            scaler.load_state_dict(ckpt["scaler"])
+        start, seen = ckpt["step"], ckpt["samples_seen"]
+        set_rng_state(ckpt["rng"])
+    model = torch.compile(unet) if args.compile else unet  # unet stays uncompiled: no _orig_mod. in saved keys
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    alpha_bar = make_schedule().alphas_cumprod.to(device)  # (1000,)
+
+    # ---- the stream of training batches, and the fixed val set ----
+    stream = index_stream(class_weights(train_df.class_id.to_numpy(), args.balance), args.balance != "none", args.seed, seen)
+    batches = iter(torch.utils.data.DataLoader(
+        range(len(train_df)), batch_sampler=rank_batches(stream, args.batch_size, rank, world),
+        collate_fn=partial(load_batch, cache=cache, cache_row=train_df.cache_row.to_numpy(),  # runs in the workers
+                           path=train_df.path.to_numpy(), class_id=train_df.class_id.to_numpy(), size=size),
+        num_workers=args.num_workers, pin_memory=cuda, worker_init_fn=ignore_signals))
+    if master and args.eval_every:
+        g = torch.Generator().manual_seed(VAL_SEED)
+        rows = torch.randperm(len(val_df), generator=g)[:VAL_IMAGES].tolist()
+        x0, y_val = load_batch(rows, cache, *(val_df[c].to_numpy() for c in ("cache_row", "path", "class_id")), size)
+        x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
+        t_val, eps_val = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
+        xt_val = add_noise(x0, eps_val, t_val, alpha_bar.cpu())
+        xt_val, t_val, y_val, eps_val = (v.to(device) for v in (xt_val, t_val, y_val, eps_val))
+    metrics = os.path.join(args.out_dir, "metrics.csv")
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(f"train.py: {len(train_df)} train / {len(val_df)} val images, {size}px, preset {args.preset}, "
+              f"{world} process(es) on {device}, amp {amp}, steps {start}->{args.max_steps}, out {args.out_dir}")
+
+    def checkpoint(step):
+        save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+            "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "samples_seen": seen, "unet_config": unet_config(unet),
+            "classes": list(CLASSES), "image_size": size, "args": vars(args), "rng": rng_state()})
+
+    stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit 0
+
+    def on_signal(signum, frame):
+        if stop:  # a second one quits at once, without saving
+            raise KeyboardInterrupt
+        stop.append(signum)
+        tqdm.write(f"train.py: signal {signum}: finishing the step, saving, exiting (again to abort)")
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # ---- the loop ----
+    g = torch.Generator(device)  # t, eps and label dropout; reseeded from (seed, micro-step, rank) each micro-step
+    loss_sum, n_loss = torch.zeros((), device=device), 0  # the loss stays on the device: no sync per step
+    t0, n_img, done = time.time(), 0, start
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for micro in range(args.grad_accum):
+            x0, y = next(batches)  # uint8 (B, 1, H, W), (B,)
+            x0 = (x0.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=memory_format)
+            g.manual_seed(args.seed * 1_000_003 + (step * args.grad_accum + micro) * world + rank)
+            t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), generator=g, device=device)  # (B,) uniform
+            eps = torch.randn(x0.shape, generator=g, device=device)  # (B, 1, H, W)
+            y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g)
+            xt = add_noise(x0, eps, t, alpha_bar)
+            # DDP averages the gradients on the last micro-batch only
+            with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
+                with autocast():
+                    loss = F.mse_loss(model(xt, t, class_labels=y).sample.float(), eps)
+                scaler.scale(loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        if args.clip > 0:
+            scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
+        done, n_loss = step + 1, n_loss + 1
+        seen += args.batch_size * args.grad_accum * world
+        n_img += args.batch_size * args.grad_accum * world
+
+        stopping = bool(stop)  # read once: a signal arriving after this line is handled at the next step
+        if world > 1:  # every rank must stop at the same step, or the others wait forever in the next all-reduce
+            flag = torch.tensor(float(stopping), device=device)
+            dist.all_reduce(flag)
+            stopping = flag.item() > 0
+        log, evaluate, grid = due(done, args.log_every), due(done, args.eval_every), due(done, args.sample_every)
+        save = due(done, args.save_every) or done == args.max_steps or stopping
+        if log or save:  # on every rank: the mean loss is all-reduced
+            train_loss = window_loss(loss_sum, n_loss, world)
+            if not math.isfinite(train_loss):
+                die(f"loss is {train_loss} at step {done}; stopped. The last good checkpoint stays in {args.out_dir}")
+        if log:
+            ips = n_img / (time.time() - t0)
+            if master:
+                tqdm.write(f"step {done} | loss {train_loss:.4f} | lr {lr:.1e} | {ips:.0f} img/s")
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.1e}", img_s=f"{ips:.0f}")
+            loss_sum.zero_()
+            n_loss, t0, n_img = 0, time.time(), 0
+        if master and evaluate:
+            v = val_loss(unet, xt_val, t_val, y_val, eps_val, args.batch_size, autocast)
+            tqdm.write(f"step {done} | val loss {v:.4f}")
+        if master and (log or evaluate):
+            append_metrics(metrics, done, *((f"{train_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}") if log else ()),
+                           val=f"{v:.6g}" if evaluate else "")
+        if master and grid:
+            save_grid(ema, os.path.join(args.out_dir, f"samples_step{done:06d}.png"), args.sample_per_class,
+                      args.sample_guidance, done, device, autocast)
+        if master and save:
+            checkpoint(done)
+        if evaluate or grid or save:
+            t0, n_img = time.time(), 0  # img/s measures training only
+        if stopping:
+            break
+    bar.close()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+
+    # ---- the end (ckpt.pt was saved in the last step): the EMA weights for UNet2DModel.from_pretrained ----
+    if master:
+        export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format),
+                          os.path.join(args.out_dir, "unet"))
+        print(f"train.py: step {done}: wrote {args.out_dir}/ckpt.pt and {args.out_dir}/unet")
+    if world > 1:
+        dist.destroy_process_group()
+    return unet, ema
+
+
+if __name__ == "__main__":
+    main()
