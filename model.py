@@ -85,9 +85,9 @@ def add_noise(x0, eps, t, alpha_bar):
 # Samplers. All are built from the training schedule's config, so they share its betas, and all run in
 # the one loop below. ddpm is the ancestral 1000-step sampler; the others are deterministic fast solvers.
 
-SAMPLERS = {
-    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
-    "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
+SAMPLERS = {  # "trailing" spacing: the first step starts at t=999, pure noise, whatever the step count (Lin et al. 2023)
+    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg, timestep_spacing="trailing"),
+    "ddim": lambda cfg: DDIMScheduler.from_config(cfg, timestep_spacing="trailing"),
     "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
     "unipc": lambda cfg: UniPCMultistepScheduler.from_config(cfg),
 }

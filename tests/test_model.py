@@ -113,6 +113,13 @@ def test_each_image_depends_only_on_its_own_generator(sampler):
     assert (both[0] - both[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "unipc"])
+def test_every_sampler_starts_from_pure_noise_at_any_step_count(sampler):
+    for steps in (1, 2, 25):
+        timesteps = model.make_sampler(sampler, steps).timesteps
+        assert int(timesteps[0]) == model.NUM_TIMESTEPS - 1 and len(timesteps) == steps
+
+
 def test_bad_sampler_or_steps_are_clear_errors():
     with pytest.raises(ValueError, match="unknown sampler"):
         model.make_sampler("euler-ish", 10)
