@@ -88,8 +88,11 @@ def add_noise(x0, eps, t, alpha_bar):
 SAMPLERS = {  # "trailing" spacing: the first step starts at t=999, pure noise, whatever the step count (Lin et al. 2023)
     "ddpm": lambda cfg: DDPMScheduler.from_config(cfg, timestep_spacing="trailing"),
     "ddim": lambda cfg: DDIMScheduler.from_config(cfg, timestep_spacing="trailing"),
-    "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
-    "unipc": lambda cfg: UniPCMultistepScheduler.from_config(cfg),
+    # pixel-space models need the predicted x0 kept in [-1, 1], as ddpm/ddim's clip_sample does; without it a
+    # few-step solver can run away to saturated noise
+    "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                                 thresholding=True, sample_max_value=1.0),
+    "unipc": lambda cfg: UniPCMultistepScheduler.from_config(cfg, thresholding=True, sample_max_value=1.0),
 }
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25, "unipc": 25}
 
