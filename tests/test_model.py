@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 from diffusers import UNet2DModel
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import model
 
@@ -90,16 +91,29 @@ def test_samplers_return_finite_images_with_the_expected_number_of_model_calls(s
     assert unet.batches == [6] * steps  # w > 1: cond and null in one batched forward per step
 
 
-def test_guidance_formula_is_eps_null_plus_w_times_the_difference():
-    torch.manual_seed(0)
-    unet = model.build_unet(32, "tiny").eval()
-    labels = torch.tensor([4])
-    g = lambda: [torch.Generator().manual_seed(7)]
-    x_w0 = model.sample(unet, labels, "ddim", 1, guidance=0.0, generators=g())  # w=0: the unconditional model
-    x_null = model.sample(unet, torch.tensor([model.NULL_CLASS]), "ddim", 1, guidance=1.0, generators=g())
-    assert torch.allclose(x_w0, x_null, atol=1e-5)
-    x_w1 = model.sample(unet, labels, "ddim", 1, guidance=1.0, generators=g())
-    assert (x_w1 - x_null).abs().max() > 1e-4
+class LinearEps(torch.nn.Module):
+    """A stand-in eps model with a known answer: eps = 0.1 * x + k[label] (+ w * (k[label] - k[null]) if guided_w)."""
+    def __init__(self, guided_w=None):
+        super().__init__()
+        self.k, self.guided_w = torch.linspace(-0.5, 0.5, model.NULL_CLASS + 1), guided_w
+        self.config = model.build_unet(32, "tiny").config
+
+    def forward(self, x, t, class_labels):
+        k = self.k[class_labels].view(-1, 1, 1, 1)
+        if self.guided_w is not None:  # the guided eps written out by hand, for the conditional label only
+            k = self.k[model.NULL_CLASS] + self.guided_w * (k - self.k[model.NULL_CLASS])
+        return UNet2DOutput(sample=0.1 * x + k)
+
+
+@pytest.mark.parametrize("w", [0.0, 2.5])
+def test_guidance_is_eps_null_plus_w_times_eps_cond_minus_eps_null(w):
+    labels = torch.tensor([0, 4, 5])
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
+    guided = model.sample(LinearEps(), labels, "ddim", 10, guidance=w, generators=gens())
+    by_hand = model.sample(LinearEps(guided_w=w), labels, "ddim", 10, guidance=1.0, generators=gens())
+    assert torch.allclose(guided, by_hand, atol=1e-5)
+    plain = model.sample(LinearEps(), labels, "ddim", 10, guidance=1.0, generators=gens())
+    assert (guided - plain).abs().max() > 1e-3  # guidance changed the images
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
