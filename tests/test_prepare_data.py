@@ -230,3 +230,8 @@ def test_demo_end_to_end(tmp_path):
     for c in range(1, 6):
         xc = X[(m["class_id"] == c).to_numpy()].astype(float).mean(0)
         assert np.abs(xc - nf).mean() > 2, prepare_data.CLASSES[c]
+
+
+def test_class_ids_agree_with_model_py():
+    import model  # prepare_data.py keeps its own copy so the data step never imports torch; they must not drift
+    assert prepare_data.CLASSES == model.CLASSES
