@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import model
 
-GUIDANCE = 2.0  # classifier-free guidance scale; placeholder until the lead measures the best value
+GUIDANCE = 2.0  # classifier-free guidance: best label fidelity and per-class realism of w in {1, 2, 4} (README)
 MAX_N = 100_000  # images per class and run: keeps every image's noise seed unique (see generators)
 GRID_MAX = 64  # a class's grid previews its first 64 images (8x8)
 SYNTHETIC = {"synthetic": "1", "Software": "sample.py (Medical Image Diffusion)",

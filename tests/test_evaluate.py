@@ -130,6 +130,8 @@ def test_report_for_samples_from_the_real_distribution(data, tmp_path):
     assert json.loads((out / "report.json").read_text()) == R
     assert "## 4. Memorization" in (out / "report.md").read_text()
     assert Image.open(out / "closest_pairs.png").size == (2 * 200, 4 * (200 + 14))  # 4 pairs: synthetic | train
+    for f in ("closest_pairs.png", "grid.png"):  # figures holding synthetic images say so in their metadata
+        assert Image.open(out / f).text["synthetic"] == "1"
     assert len(pd.read_csv(out / "memorization.csv")) == 48
     assert R["classifier"]["macro_auc"] > 0.95 and set(R["classifier"]["per_class"]) == set(CLASSES)
     assert R["label_fidelity"]["overall"]["synthetic"] > 0.8
