@@ -426,7 +426,9 @@ def main(argv=None):
         export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format),
                           os.path.join(args.out_dir, "unet"))
         print(f"train.py: step {done}: wrote {args.out_dir}/ckpt.pt and {args.out_dir}/unet")
-    if world > 1:
+    if world > 1:  # wait until every rank is here, so no gloo worker still holds a tensor from the last all-reduce:
+        dist.barrier()  # tearing the group down under one deadlocks on the GIL (seen here as a hang at exit)
+        del model  # DDP's reducer holds the group: drop it first
         dist.destroy_process_group()
     return unet, ema
 

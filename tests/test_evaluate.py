@@ -62,14 +62,6 @@ def write_samples(folder, x, y, labels=None):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CNNs here are tiny: a second intra-op thread only adds sync cost, and badly so on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

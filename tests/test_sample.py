@@ -16,13 +16,6 @@ CONTRACT = ["image_index", "patient_id", "label", "class_id", "path", "synthetic
             "sampler", "steps", "guidance", "seed", "checkpoint_sha256"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs on shared cores: one thread is several times faster than two spinning
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

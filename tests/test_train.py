@@ -22,14 +22,6 @@ TINY = ["--preset", "tiny", "--image-size", "32", "--num-workers", "0", "--eval-
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses: one thread each on the 2 shared cores
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on 2 cores shared with other processes stall in OpenMP barriers: 1 thread is ~5x faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_data(d, counts=(6, 0, 0, 0, 6, 0), size=32, cache=True, png_size=None):
     """A prepared-data folder: train/val/test.csv, PNGs, and cache.npy whose rows are shuffled vs the csv order."""
@@ -254,7 +246,11 @@ def test_two_process_ddp_ends_with_identical_weights_and_one_set_of_outputs(tmp_
                               env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=str(port)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(2)]
-    logs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    try:
+        logs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    finally:  # a hung rank must not outlive the test
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], logs
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert sd_equal(w0, w1)
