@@ -35,6 +35,7 @@ from model import (CLASSES, NULL_CLASS, NUM_TIMESTEPS, PRESETS, add_noise, build
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
 LABEL_W = 80        # pixels left of the sample grid for the class names
+STOP_CHECK = 10     # DDP: steps between the ranks' agreement on Ctrl-C / SIGTERM (a sync)
 
 
 def die(msg):
@@ -385,10 +386,12 @@ def main(argv=None):
         n_img += args.batch_size * args.grad_accum * world
 
         stopping = bool(stop)  # read once: a signal arriving after this line is handled at the next step
-        if world > 1:  # every rank must stop at the same step, or the others wait forever in the next all-reduce
-            flag = torch.tensor(float(stopping), device=device)
-            dist.all_reduce(flag)
-            stopping = flag.item() > 0
+        if world > 1:  # every rank must stop at the same step, or the others wait forever in the next all-reduce;
+            stopping = False  # agreeing costs a device sync, so the ranks compare notes every STOP_CHECK steps
+            if done % STOP_CHECK == 0:
+                flag = torch.tensor(float(bool(stop)), device=device)
+                dist.all_reduce(flag)
+                stopping = flag.item() > 0
         log, evaluate, grid = due(done, args.log_every), due(done, args.eval_every), due(done, args.sample_every)
         save = due(done, args.save_every) or done == args.max_steps or stopping
         if log or save:  # on every rank: the mean loss is all-reduced
