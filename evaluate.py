@@ -7,19 +7,21 @@ Are these synthetic chest X-rays fit to augment a dataset? One command, no radio
 1. trains a small reference CNN on the real train split (val for early stopping; cached in --out)
    and reports its per-class accuracy and one-vs-rest AUC on the real test split: the ceiling.
 2. label fidelity: share of synthetic images the classifier assigns to the class they were made for.
-3. realism: Frechet distance in the classifier's penultimate features, synthetic vs real test, beside
-   real val vs real test as the floor (--inception adds Inception FID if torchmetrics is installed).
-4. memorization: nearest training image of every synthetic image (feature cosine, pixel correlation),
+3. realism, per class and like with like: Frechet distance (FD) and KID in the classifier's features, synthetic vs
+   real test beside real val vs real test (the floor), every set subsampled to the same size, repeated.
+4. diversity: mean distance between two synthetic images of one class, over the same for real images.
+5. memorization: nearest training image of every synthetic image (feature cosine, pixel correlation),
    flagged when closer than the 1st percentile of real test-to-train distances.
-5. utility: AUC on real test of classifiers trained on train, train+synthetic and synthetic only,
-   with bootstrap 95% intervals and the difference (train+synth minus train).
-Writes report.json, report.md, closest_pairs.png, grid.png, memorization.csv into --out.
+6. utility: AUC on real test of classifiers trained on train, train+synthetic and synthetic only, several seeds
+   each, with 95% intervals over test resampling and training seeds.
+Writes report.md (the headline table first), report.json, closest_pairs.png, grid.png, memorization.csv into --out.
 """
 import argparse
 import hashlib
 import json
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from model import CLASSES
 K = len(CLASSES)
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
 MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of real test-to-train distances
+CHUNK = 4096  # images per chunk when resizing or reducing a whole split: memory stays flat at NIH scale
 
 
 def die(msg):
@@ -83,12 +86,13 @@ def load_split(data_dir, split, size, workers=0):
     y = class_ids(df, str(csv))
     cache = Path(data_dir) / "cache.npy"
     if cache.exists() and "cache_row" in df.columns and (df["cache_row"] >= 0).all():
-        cache = np.load(cache, mmap_mode="r")
-        if df["cache_row"].max() >= len(cache):
-            die(f"{csv}: cache_row {df['cache_row'].max()} is past the end of cache.npy ({len(cache)} rows)")
-        x = cache[df["cache_row"].to_numpy()]  # reads only this split's rows
-        if x.shape[1] != size:
-            x = np.stack([resize(Image.fromarray(im), size) for im in x])
+        cache, rows = np.load(cache, mmap_mode="r"), df["cache_row"].to_numpy()
+        if rows.max() >= len(cache):
+            die(f"{csv}: cache_row {rows.max()} is past the end of cache.npy ({len(cache)} rows)")
+        x = np.empty((len(rows), size, size), np.uint8)
+        for i in range(0, len(rows), CHUNK):  # reads only this split's rows, a chunk at a time
+            chunk = cache[rows[i:i + CHUNK]]
+            x[i:i + CHUNK] = chunk if chunk.shape[1] == size else [resize(Image.fromarray(im), size) for im in chunk]
     else:
         x = read_pngs(df["path"].tolist(), size, workers, f"{split} pngs")
     return x, y, df["image_index"].astype(str).to_numpy()
@@ -138,11 +142,11 @@ def predict(net, x, batch_size, device):
     return torch.cat(probs).double().numpy(), torch.cat(feats).double().numpy()
 
 
-def fit(x, y, xv, yv, args, tag, out):
+def fit(x, y, xv, yv, args, tag, out, seed):
     """Class-balanced sampling; keep the epoch with the lowest class-balanced val loss; cached by data+settings hash."""
-    config = dict(width=args.width, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-                  lr=args.lr, patience=args.patience, seed=args.seed, size=int(x.shape[-1]))
-    torch.manual_seed(args.seed)
+    config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
+                  lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]))
+    torch.manual_seed(seed)
     net = make_cnn(args.width)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
     for a in (x, y, xv, yv):
@@ -150,18 +154,17 @@ def fit(x, y, xv, yv, args, tag, out):
     path = out / "classifiers" / f"{tag}-{h.hexdigest()[:16]}.pt"
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-        print(f"[{tag}] loaded cached classifier {path}")
         return net.to(args.device).eval(), True
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     net.to(args.device)
     counts = np.bincount(y, minlength=K)
-    w = torch.from_numpy(1.0 / counts[y])  # every class equally likely per draw: NIH is ~60% No Finding
+    w = torch.from_numpy(1.0 / counts[y])  # every class equally likely per draw: NIH is ~84% No Finding
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.steps or math.ceil(len(x) / args.batch_size)
+    steps = args.epoch_steps or math.ceil(len(x) / args.batch_size)
     best, best_state, bad = np.inf, None, 0
     for epoch in range(args.epochs):
         net.train()
-        for _ in tqdm(range(steps), desc=f"[{tag}] epoch {epoch + 1}/{args.epochs}", leave=False):
+        for _ in tqdm(range(steps), desc=f"[{tag} seed {seed}] epoch {epoch + 1}/{args.epochs}", leave=False):
             idx = torch.multinomial(w, args.batch_size, replacement=True, generator=g).numpy()
             loss = F.cross_entropy(net(to_input(x[idx], args.device)), torch.from_numpy(y[idx]).to(args.device))
             opt.zero_grad(set_to_none=True)
@@ -170,8 +173,6 @@ def fit(x, y, xv, yv, args, tag, out):
         pv, _ = predict(net, xv, args.batch_size, args.device)
         nll = -np.log(np.clip(pv[np.arange(len(yv)), yv], 1e-12, None))
         val_loss = np.mean([nll[yv == c].mean() for c in np.unique(yv)])  # class-balanced: each class counts the same
-        print(f"[{tag}] epoch {epoch + 1}: train loss {loss.item():.3f}, val balanced loss {val_loss:.3f}, "
-              f"val macro AUC {np.nanmean(per_class_auc(pv, yv)):.3f}")
         if val_loss < best:
             best, best_state, bad = val_loss, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, 0
         else:
@@ -216,9 +217,42 @@ def frechet_stats(mu1, s1, mu2, s2):
 
 
 def frechet_distance(f1, f2):
+    """Biased upward roughly as 1/n: compare two distances only at the same set sizes."""
     if len(f1) < 2 or len(f2) < 2:
         return float("nan")
     return frechet_stats(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+
+
+def kid(f1, f2):
+    """Kernel Inception Distance (Binkowski et al. 2018) in our features: the unbiased estimate of MMD^2 with the
+    kernel k(a, b) = (a.b / d + 1)^3. Its mean is the same at any set size; 0 for two samples of one distribution."""
+    d, m, n = f1.shape[1], len(f1), len(f2)
+    k11, k22, k12 = [(a @ b.T / d + 1) ** 3 for a, b in ((f1, f1), (f2, f2), (f1, f2))]
+    return float((k11.sum() - np.trace(k11)) / (m * (m - 1)) + (k22.sum() - np.trace(k22)) / (n * (n - 1))
+                 - 2 * k12.mean())
+
+
+def matched_realism(f_s, f_real, repeats, max_n, rng):
+    """Like with like: each redraw splits the held-out real images (val + test) into two random disjoint halves A and
+    B of n images and draws n synthetic images S, n = min(synthetic, real / 2, max_n); then S vs B is what the
+    generator scores and A vs B is what a perfect generator would score (the floor), at the same n.
+    -> (repeats, 4): FD(S, B), FD(A, B), KID(S, B), KID(A, B)."""
+    n = min(len(f_s), len(f_real) // 2, max_n)
+    if n < 2:
+        return np.full((repeats, 4), np.nan)
+    draws = []
+    for _ in range(repeats):
+        real = f_real[rng.permutation(len(f_real))]
+        a, b, s = real[:n], real[n:2 * n], f_s[rng.choice(len(f_s), n, replace=False)]
+        draws.append([frechet_distance(s, b), frechet_distance(a, b), kid(s, b), kid(a, b)])
+    return np.array(draws)
+
+
+def diversity(f, max_n, rng):
+    """Mean distance between two different rows (a U-statistic: the same mean at any set size); 0 if all alike."""
+    f = torch.as_tensor(f[rng.permutation(len(f))[:max_n]], dtype=torch.float64)
+    n = len(f)
+    return float(torch.cdist(f, f).sum() / (n * (n - 1))) if n > 1 else float("nan")
 
 
 def unit_rows(f, mu=None):
@@ -228,10 +262,14 @@ def unit_rows(f, mu=None):
 
 
 def pixels(x):
-    t = torch.from_numpy(np.ascontiguousarray(x)).float().unsqueeze(1)  # (N, 1, H, W)
-    if t.shape[-1] > PIX:
-        t = F.interpolate(t, size=(PIX, PIX), mode="bilinear", antialias=True, align_corners=False)
-    return unit_rows(t.flatten(1))  # cosine of per-image centred pixels = Pearson r
+    """(N, H, W) uint8 -> (N, <=32*32) unit rows: cosine of per-image centred pixels = Pearson r. Chunked."""
+    out = []
+    for i in range(0, len(x), CHUNK):
+        t = torch.from_numpy(np.ascontiguousarray(x[i:i + CHUNK])).float().unsqueeze(1)  # (B, 1, H, W)
+        if t.shape[-1] > PIX:
+            t = F.interpolate(t, size=(PIX, PIX), mode="bilinear", antialias=True, align_corners=False)
+        out.append(unit_rows(t.flatten(1)))
+    return torch.cat(out)
 
 
 def nearest(q, ref, device, chunk=512):
@@ -245,21 +283,24 @@ def nearest(q, ref, device, chunk=512):
 
 
 def bootstrap_auc(models, y, n_boot, seed):
-    """Paired bootstrap over test images: per model and class (auc, lo, hi), plus diff of models[1] - models[0]."""
+    """models: name -> list of probs (N, K), one per training seed. Each resample draws the test images with
+    replacement and one seed per model, so the 95% interval holds test sampling and training noise. The point is
+    the mean over seeds. 'diff' pairs models[1] - models[0] on the same test resample."""
     names = list(models)
-    point = {m: per_class_auc(p, y) for m, p in models.items()}
+    point = {m: np.mean([per_class_auc(p, y) for p in ps], 0) for m, ps in models.items()}
     rng, reps = np.random.default_rng(seed), {m: [] for m in names}
     for _ in tqdm(range(n_boot), desc="bootstrap", leave=False):
         i = rng.integers(0, len(y), len(y))
         for m in names:
-            reps[m].append(per_class_auc(models[m][i], y[i]))
+            reps[m].append(per_class_auc(models[m][rng.integers(len(models[m]))][i], y[i]))
     reps = {m: np.array(r) for m, r in reps.items()}  # (n_boot, K)
     point["diff"], reps["diff"] = point[names[1]] - point[names[0]], reps[names[1]] - reps[names[0]]
     res = {}
     for m in point:
-        macro = np.nanmean(reps[m], 1)
-        lo, hi = np.nanpercentile(np.column_stack([reps[m], macro]), [2.5, 97.5], axis=0)
-        est = np.append(point[m], np.nanmean(point[m]))
+        est, draws = np.append(point[m], np.nanmean(point[m])), np.column_stack([reps[m], np.nanmean(reps[m], 1)])
+        ok = ~np.isnan(est)  # a class absent from test has no AUC
+        lo, hi = np.full(len(est), np.nan), np.full(len(est), np.nan)
+        lo[ok], hi[ok] = np.nanpercentile(draws[:, ok], [2.5, 97.5], axis=0)
         res[m] = {name: {"auc": est[c], "lo": lo[c], "hi": hi[c]} for c, name in enumerate(CLASSES + ["macro"])}
     return res
 
@@ -268,8 +309,6 @@ def bootstrap_auc(models, y, n_boot, seed):
 # outputs: written to a temporary name, then renamed
 
 def replace_file(path, write):
-    if path.exists():
-        print(f"evaluate.py: replacing {path}")
     write(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -298,35 +337,15 @@ def clean(v):
 
 
 def table(header, rows):
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]) + "\n"
-
-
-def make_fid(device):
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError:
-        die("--inception needs torchmetrics with its image extras (pip install 'torchmetrics[image]')")
-    try:
-        return FrechetInceptionDistance(feature=2048).to(device)
-    except Exception as e:  # the Inception weights are fetched on first use; offline that fails
-        first_line = (str(e).splitlines() or [""])[0]
-        die(f"--inception: could not load the Inception weights: {type(e).__name__}: {first_line}")
-
-
-def inception_fid(fid, xs, xte, device):
-    for x, real in ((xte, True), (xs, False)):
-        for i in range(0, len(x), 64):
-            rgb = torch.from_numpy(np.ascontiguousarray(x[i:i + 64])).to(device).unsqueeze(1).repeat(1, 3, 1, 1)
-            fid.update(rgb, real=real)  # uint8 (B, 3, H, W): grayscale repeated; torchmetrics resizes to 299
-    return float(fid.compute())
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Realism, label fidelity, memorization and utility of synthetic CXRs.")
+def get_parser():
+    p = argparse.ArgumentParser(description="Label fidelity, realism, diversity, memorization and utility of synthetic "
+                                            "CXRs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- data ----
     p.add_argument("--data-dir", required=True, help="prepare_data.py output (train/val/test.csv, cache.npy)")
     p.add_argument("--samples", required=True, help="sample.py output folder with manifest.csv (or the csv)")
@@ -336,26 +355,104 @@ def main(argv=None):
     # ---- classifier ----
     p.add_argument("--width", type=int, default=16, help="channels of the first conv block of the reference CNN")
     p.add_argument("--epochs", type=int, default=8, help="max epochs per classifier (early stopping on val loss)")
-    p.add_argument("--steps", type=int, default=40, help="steps per epoch (0 = one pass over its training set)")
+    p.add_argument("--epoch-steps", "--steps", type=int, default=40, help="steps per epoch (0: one pass over its data)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size for training and inference")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without val improvement")
     # ---- evaluation ----
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the test set for the AUC intervals")
+    p.add_argument("--repeats", type=int, default=50, help="redraws behind each realism figure and its interval")
+    p.add_argument("--max-n", type=int, default=1000, help="at most this many images per class and set for realism")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples behind the utility intervals")
+    p.add_argument("--utility-seeds", type=int, default=3, help="training seeds per utility classifier")
     p.add_argument("--no-utility", action="store_true", help="skip training on train+synthetic and synthetic only")
-    p.add_argument("--inception", action="store_true", help="also Inception FID (needs torchmetrics + weights)")
     p.add_argument("--pairs", type=int, default=8, help="closest synthetic/train pairs drawn in closest_pairs.png")
     # ---- system ----
-    p.add_argument("--seed", type=int, default=0, help="seed for training, sampling and the bootstrap")
+    p.add_argument("--seed", type=int, default=0, help="seed for training, subsampling and the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, else cpu), cuda or cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def summarize(draws):
+    """(repeats,) -> mean and the 2.5th and 97.5th percentiles"""
+    lo, hi = np.percentile(draws, [2.5, 97.5]) if not np.isnan(draws).any() else (np.nan, np.nan)
+    return {"mean": draws.mean(), "lo": lo, "hi": hi}
+
+
+def memorization(f_tr, f_s, f_te, x_tr, x_s, x_te, device):
+    """Nearest training image of each synthetic image by feature cosine and by pixel correlation; flagged when closer
+    than all but MIN_PCT% of real test images are: no patient is in two splits, so that is what "not copied" is."""
+    uf_tr, px_tr = unit_rows(f_tr, 0), pixels(x_tr)  # features are centred: cosines spread out, not all near 1
+    (cos_s, jf_s), (r_s, jp_s) = nearest(unit_rows(f_s, 0), uf_tr, device), nearest(pixels(x_s), px_tr, device)
+    cos_te, r_te = nearest(unit_rows(f_te, 0), uf_tr, device)[0], nearest(pixels(x_te), px_tr, device)[0]
+    thr_cos, thr_r = 1 - np.percentile(1 - cos_te, MIN_PCT), 1 - np.percentile(1 - r_te, MIN_PCT)
+    return dict(cos=cos_s, j_feature=jf_s, r=r_s, j_pixel=jp_s, flag=(cos_s > thr_cos) | (r_s > thr_r),
+                thresholds={"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r})
+
+
+def class_figures(d, hit_s, hit_te, f_s, f_te, px_s, px_te, flag_s, max_n, rng):
+    """One class's row of the report. d: (repeats, 4) from matched_realism; the rest: that class's images only."""
+    div = lambda a, b: diversity(a, max_n, rng) / diversity(b, max_n, rng) if min(len(a), len(b)) > 1 else np.nan
+    return {"n_synthetic": len(hit_s), "n_test": len(hit_te), "fidelity": hit_s.mean() if len(hit_s) else np.nan,
+            "accuracy": hit_te.mean() if len(hit_te) else np.nan, "fd_ratio": d[:, 0].mean() / d[:, 1].mean(),
+            "fd": {"synthetic": summarize(d[:, 0]), "floor": summarize(d[:, 1])},
+            "kid": {"synthetic": summarize(d[:, 2]), "floor": summarize(d[:, 3])},
+            "diversity_features": div(f_s, f_te), "diversity_pixels": div(px_s, px_te), "memorized": flag_s.sum()}
+
+
+def write_report(R, args, out):
+    P, S = R["per_class"], R["summary"]
+    num = lambda v, digits=3: "-" if v is None else f"{v:.{digits}f}"
+    ci = lambda d, k=1, dg=2: "-" if d["mean"] is None else num(k * d["mean"], dg) + (
+        "" if d["lo"] is None else f" [{num(k * d['lo'], dg)}, {num(k * d['hi'], dg)}]")
+    row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_test']}", f"{num(d['fidelity'])} / {num(d['accuracy'])}",
+                           f"**{num(d['fd_ratio'], 2)}**", f"{ci(d['fd']['synthetic'])} / {ci(d['fd']['floor'])}",
+                           f"{ci(d['kid']['synthetic'], 1e3, 1)} / {ci(d['kid']['floor'], 1e3, 1)}",
+                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["memorized"]]
+    M, n = R["memorization"], R["settings"]
+    md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
+          f"(train/val/test {n['n_train']}/{n['n_val']}/{n['n_test']}), {args.size} px, seed {args.seed}. "
+          f"The reference classifier's macro AUC on real test images: {num(R['classifier']['macro_auc'])}.\n",
+          table(["class", "synthetic / test images", "label fidelity: synthetic / real", "realism: FD ratio",
+                 "FD [95%]: synthetic / floor", "KID x1000 [95%]: synthetic / floor",
+                 "diversity / real (features, pixels)", "memorized"],
+                [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]),
+          "How to read it:",
+          "- **label fidelity**: the share of a class's synthetic images that the reference classifier (trained on real "
+          "images) calls that class, beside the same share of real test images: the ceiling.",
+          f"- **realism: FD ratio**, the one to read: the Frechet distance (FD) in the classifier's features between "
+          f"synthetic and real images of a class, over the floor: the same distance between two disjoint halves of the "
+          f"real val + test images, what a perfect generator scores. Both sides have the same size n and are redrawn "
+          f"{args.repeats} times (mean [95% of the redraws]); the mean over classes weighs every class the same, whatever "
+          f"the class mix. 1 = as real as real images.",
+          "- **KID**: unbiased at any set size, 0 for images of the real distribution: compares runs scored with "
+          "different numbers of images. An interval that holds 0 found no difference.",
+          "- **diversity**: the mean distance between two synthetic images of a class over that between two real test "
+          "images; well below 1 means the model draws the same image again and again.",
+          f"- **memorized**: synthetic images closer to a training image than all but {MIN_PCT:g}% of real test images "
+          f"are (feature cosine > {num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)});"
+          f" about {MIN_PCT:g}% is expected even of new images. See closest_pairs.png and memorization.csv.\n"]
+    if R["utility"]:
+        U = R["utility"]
+        md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
+               f"resamples of the test images and {U['seeds']} training seeds per classifier.\n",
+               table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic"],
+                     [[c] + [ci(U[m][c] | {"mean": U[m][c]["auc"]}, 1, 3) for m in ("train", "train+synth", "synth", "diff")]
+                      for c in list(P) + ["macro"] if U["train"][c]["auc"] is not None])]
+    replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
+    return "\n".join(md)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if not Path(args.data_dir).is_dir():
         die(f"--data-dir {args.data_dir}: no such directory (run prepare_data.py first)")
-    fid = make_fid(args.device) if args.inception else None  # fail before any training
-    out, B, dev = Path(args.out), args.batch_size, args.device
+    for flag in ("size", "repeats", "utility_seeds", "n_boot", "batch_size", "epochs", "max_n"):
+        if getattr(args, flag) < (2 if flag == "max_n" else 1):
+            die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: too small")
+    out, B, dev, t_start, rng = Path(args.out), args.batch_size, args.device, time.time(), np.random.default_rng(args.seed)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data
@@ -366,89 +463,62 @@ def main(argv=None):
     R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs)}}
 
     # ---- 1. reference classifier, trained on real train only: the ceiling for everything below
-    net, cached = fit(xtr, ytr, xva, yva, args, "real", out)
+    net, cached = fit(xtr, ytr, xva, yva, args, "real", out, args.seed)
     (_, f_tr), (_, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
-    auc_te = per_class_auc(p_te, yte)
-    # ---- 2. label fidelity: does a synthetic "Effusion" look like Effusion to the classifier?
-    hit_te, hit_s = p_te.argmax(1) == yte, p_s.argmax(1) == ys
-    # ---- 3. realism: Frechet distance in the classifier's penultimate features; real val vs real test is the floor
-    realism = {"synthetic_vs_test": frechet_distance(f_s, f_te), "val_vs_test": frechet_distance(f_va, f_te)}
-    inception = inception_fid(fid, xs, xte, dev) if fid is not None else None
-    # ---- 4. memorization: nearest training image of each synthetic image, and of each test image for the threshold
-    mu = f_tr.mean(0)  # ReLU features are all positive: centre them or every cosine is near 1
-    uf_tr, px_tr = unit_rows(f_tr, mu), pixels(xtr)
-    cos_s, jf_s = nearest(unit_rows(f_s, mu), uf_tr, dev)
-    r_s, jp_s = nearest(pixels(xs), px_tr, dev)
-    cos_te, r_te = nearest(unit_rows(f_te, mu), uf_tr, dev)[0], nearest(pixels(xte), px_tr, dev)[0]
-    # no patient is in two splits, so real test-to-train distances are what "not copied" looks like
-    thr_cos, thr_r = 1 - np.percentile(1 - cos_te, MIN_PCT), 1 - np.percentile(1 - r_te, MIN_PCT)
-    flag = (cos_s > thr_cos) | (r_s > thr_r)
+    mu, scale = f_tr.mean(0), np.sqrt(f_tr.var(0).mean())  # centred, in units of their spread on real train: KID's
+    f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # cubic kernel needs an O(1) scale
+    R["classifier"] = {"cached": cached, "macro_auc": np.nanmean(per_class_auc(p_te, yte))}
 
-    # ---- the same figures per class
-    R["classifier"] = {"cached": cached, "macro_auc": np.nanmean(auc_te), "per_class": {}}
-    R["label_fidelity"] = {"overall": {"synthetic": hit_s.mean(), "real_test": hit_te.mean()}, "per_class": {}}
-    R["realism"] = {"overall": realism, "per_class": {}, "inception_fid": inception}
-    R["memorization"] = {"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r, "flagged": flag.sum(),
-                         "per_class": {}}
-    safe = lambda f, a: f(a) if len(a) else np.nan  # a class can be absent from the manifest
-    for c, n in enumerate(CLASSES):
-        s, t, v = ys == c, yte == c, yva == c  # synthetic, test, val images of class c
-        R["classifier"]["per_class"][n] = {"n_test": t.sum(), "accuracy": safe(np.mean, hit_te[t]), "auc": auc_te[c]}
-        R["label_fidelity"]["per_class"][n] = {"n_synthetic": s.sum(), "synthetic": safe(np.mean, hit_s[s]),
-                                               "real_test": safe(np.mean, hit_te[t])}
-        R["realism"]["per_class"][n] = {"synthetic_vs_test": frechet_distance(f_s[s], f_te[t]),
-                                        "val_vs_test": frechet_distance(f_va[v], f_te[t])}
-        R["memorization"]["per_class"][n] = {"n_synthetic": s.sum(), "flagged": flag[s].sum(),
-                                             "median_feature_cosine": safe(np.median, cos_s[s]),
-                                             "median_pixel_corr": safe(np.median, r_s[s])}
-    mem = pd.DataFrame({"path": ps, "label": [CLASSES[c] for c in ys], "nearest_train_feature": itr[jf_s],
-                        "feature_cosine": cos_s.round(5), "nearest_train_pixel": itr[jp_s], "pixel_corr": r_s.round(5),
-                        "flagged": flag.astype(int)})
-    replace_file(out / "memorization.csv", lambda tmp: mem.to_csv(tmp, index=False))
+    # ---- 2. memorization, 3. per class: label fidelity, size-matched realism, diversity
+    mem = memorization(f_tr, f_s, f_te, xtr, xs, xte, dev)
+    R["memorization"] = {**mem["thresholds"], "flagged": mem["flag"].sum()}
+    hit_s, hit_te, px_s, px_te = p_s.argmax(1) == ys, p_te.argmax(1) == yte, pixels(xs).numpy(), pixels(xte).numpy()
+    R["per_class"], draws = {}, []
+    for c, name in enumerate(CLASSES):
+        s, v, t = ys == c, yva == c, yte == c  # this class's synthetic, val and test images
+        if s.any() or t.any():
+            d = matched_realism(f_s[s], np.concatenate([f_va[v], f_te[t]]), args.repeats, args.max_n, rng)
+            R["per_class"][name] = class_figures(d, hit_s[s], hit_te[t], f_s[s], f_te[t], px_s[s], px_te[t],
+                                                 mem["flag"][s], args.max_n, rng)
+            draws += [] if np.isnan(d).any() else [d]
+    if not draws:
+        die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real val + test images to compare to")
+    avg, scored = np.mean(draws, 0), [d for d in R["per_class"].values() if d["n_synthetic"] and d["n_test"]]
+    R["summary"] = {"n_synthetic": len(xs), "n_test": len(xte), "memorized": mem["flag"].sum(),  # avg: (repeats, 4)
+                    **{k: np.nanmean([d[k] for d in scored]) for k in ("fidelity", "accuracy", "diversity_features",
+                                                                        "diversity_pixels")},
+                    "fd_ratio": avg[:, 0].mean() / avg[:, 1].mean(),  # the class average of each redraw: its interval
+                    "fd": {"synthetic": summarize(avg[:, 0]), "floor": summarize(avg[:, 1])},
+                    "kid": {"synthetic": summarize(avg[:, 2]), "floor": summarize(avg[:, 3])}}
+    flag, r_s, jp = mem["flag"], mem["r"], mem["j_pixel"]
+    table_ = pd.DataFrame({"path": ps, "label": [CLASSES[c] for c in ys], "nearest_train_feature": itr[mem["j_feature"]],
+                           "feature_cosine": mem["cos"].round(5), "nearest_train_pixel": itr[jp],
+                           "pixel_corr": r_s.round(5), "flagged": flag.astype(int)})
+    replace_file(out / "memorization.csv", lambda tmp: table_.to_csv(tmp, index=False))
     order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
-    pairs = [[(xs[i], f"synthetic {CLASSES[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
-              (xtr[jp_s[i]], f"train {itr[jp_s[i]]} r={r_s[i]:.3f}")] for i in order]
-    save_rows_png(pairs, out / "closest_pairs.png", 200)
+    save_rows_png([[(xs[i], f"synthetic {CLASSES[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
+                    (xtr[jp[i]], f"train {itr[jp[i]]} r={r_s[i]:.3f}")] for i in order], out / "closest_pairs.png", 200)
     save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
-                   for c, n in enumerate(CLASSES)], out / "grid.png", 128)
+                   for c, n in enumerate(CLASSES) if n in R["per_class"]], out / "grid.png", 128)
 
-    # ---- 5. utility: does adding the synthetic images help a classifier on real test images?
+    # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
     R["utility"] = None
     if not args.no_utility:
-        net_ts, _ = fit(np.concatenate([xtr, xs]), np.concatenate([ytr, ys]), xva, yva, args, "train+synth", out)
-        net_s, _ = fit(xs, ys, xva, yva, args, "synth", out)
-        probs = {"train": p_te, "train+synth": predict(net_ts, xte, B, dev)[0], "synth": predict(net_s, xte, B, dev)[0]}
-        R["utility"] = {"n_boot": args.n_boot, **bootstrap_auc(probs, yte, args.n_boot, args.seed)}
+        seeds = [args.seed + k for k in range(args.utility_seeds)]  # seed 0 of "real" is the reference classifier
+        sets = {"real": (xtr, ytr), "train+synth": (np.concatenate([xtr, xs]), np.concatenate([ytr, ys])), "synth": (xs, ys)}
+        probs = {m: [predict(fit(x, y, xva, yva, args, m, out, sd)[0], xte, B, dev)[0] for sd in seeds]
+                 for m, (x, y) in sets.items()}
+        probs["train"] = probs.pop("real")
+        R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
+                        **bootstrap_auc({m: probs[m] for m in ("train", "train+synth", "synth")}, yte, args.n_boot, args.seed)}
 
-    # ---- 6. report
+    # ---- 5. report
+    R["seconds"] = time.time() - t_start
     R = clean(R)
     replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(R, indent=2)))
-    M = R["memorization"]
-    rows = lambda sec, extra=(): [[n, *R[sec]["per_class"][n].values()] for n in CLASSES] + list(extra)
-    md = [f"# Synthetic CXR evaluation\n\n{len(xs)} synthetic images ({args.samples}) vs real {args.data_dir} "
-          f"(train/val/test {len(xtr)}/{len(xva)}/{len(xte)}), size {args.size}, seed {args.seed}.\n",
-          f"## 1. Reference classifier (real train -> real test): the ceiling\n\n"
-          f"macro AUC {R['classifier']['macro_auc']}\n",
-          table(["class", "n test", "accuracy", "AUC"], rows("classifier")),
-          "## 2. Label fidelity: share the classifier assigns to the intended class\n",
-          table(["class", "n synthetic", "synthetic", "real test"],
-                rows("label_fidelity", [["overall", len(xs), *R["label_fidelity"]["overall"].values()]])),
-          "## 3. Realism: Frechet distance in classifier features (lower is better; val vs test is the floor)\n",
-          table(["class", "synthetic vs test", "val vs test"],
-                rows("realism", [["overall", *R["realism"]["overall"].values()]]))
-          + f"\nInception FID: {'not computed (--inception)' if inception is None else round(inception, 3)}\n",
-          f"## 4. Memorization: {M['flagged']} of {len(xs)} flagged\n\nFlagged = nearest training image with feature "
-          f"cosine > {M['threshold_feature_cosine']} or pixel correlation > {M['threshold_pixel_corr']}, closer than "
-          f"all but {MIN_PCT:g}% of real test images. See closest_pairs.png and memorization.csv.\n",
-          table(["class", "n synthetic", "flagged", "median cosine", "median pixel r"], rows("memorization"))]
-    if R["utility"]:
-        ci = lambda d: "-" if None in (d["auc"], d["lo"]) else f"{d['auc']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
-        md += [f"## 5. Utility: AUC on real test, 95% bootstrap CI ({args.n_boot} resamples)\n",
-               table(["class", "train", "train+synth", "synth only", "train+synth - train"],
-                     [[n] + [ci(R["utility"][m][n]) for m in ("train", "train+synth", "synth", "diff")]
-                      for n in CLASSES + ["macro"]])]
-    replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
-    print("\n".join(md))
+    print(write_report(R, args, out))
+    print(f"evaluate.py: {R['seconds']:.0f} s; wrote report.md, report.json, closest_pairs.png, grid.png and "
+          f"memorization.csv to {out}")
     return R
 
 

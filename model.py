@@ -108,9 +108,10 @@ def make_sampler(name, steps):
 
 
 @torch.no_grad()
-def sample(model, labels, sampler="dpm++", steps=25, guidance=1.0, generators=None):
+def sample(model, labels, sampler="dpm++", steps=25, guidance=1.0, generators=None, interval=(0, NUM_TIMESTEPS - 1)):
     """Generate one image per label. labels: (B,) long on the model's device.
     generators: one torch.Generator (CPU) per image, so image i depends only on its own seed, never on the batch.
+    interval: guidance applies only at timesteps lo <= t <= hi (Kynkaanniemi et al. 2024); elsewhere w = 1.
     Returns (B, 1, H, W) float32 in [-1, 1]."""
     device, size = labels.device, model.config.sample_size
     scheduler = make_sampler(sampler, steps)
@@ -121,7 +122,7 @@ def sample(model, labels, sampler="dpm++", steps=25, guidance=1.0, generators=No
     extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(xt, t)
-        if guidance == 1.0:  # plain conditional model: one forward, no doubled batch
+        if guidance == 1.0 or not interval[0] <= t <= interval[1]:  # plain conditional model: one forward
             eps = model(x_in, t, class_labels=labels).sample.float()
         else:  # classifier-free guidance: cond and null in one batched forward
             eps_cond, eps_null = model(torch.cat([x_in, x_in]), t, class_labels=torch.cat([labels, null])).sample.float().chunk(2)

@@ -62,6 +62,8 @@ def get_parser():
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for samples/export")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null label (classifier-free guidance)")
+    p.add_argument("--loss", default="mse", help="eps-MSE weighting over t: mse (plain, Ho et al.) | min-snr (Hang et al. 2023)")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr: weight min(SNR(t), gamma) / SNR(t)")
     # ---- system ----
     p.add_argument("--amp", default="auto", help="auto|bf16|fp16|off (auto: bf16 if the GPU has it, else fp16; fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -72,6 +74,7 @@ def get_parser():
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines / metrics.csv rows")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between val losses")
     p.add_argument("--save-every", type=int, default=1000, help="steps between ckpt.pt saves (also saved at the end)")
+    p.add_argument("--snapshot-every", type=int, default=0, help="steps between EMA snapshots kept in snapshots/ (curve.py)")
     p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids")
     p.add_argument("--sample-guidance", type=float, default=2.0, help="classifier-free guidance scale of the grids")
     p.add_argument("--sample-per-class", type=int, default=4, help="images per class (row) in a grid")
@@ -213,10 +216,11 @@ def set_rng_state(rng):
     random.setstate((3, tuple(rng["python"]), None))
 
 
-def append_metrics(path, step, loss="", lr="", img_per_s="", val=""):
+def append_metrics(path, step, time_s, loss="", lr="", img_per_s="", val=""):
     new = not os.path.exists(path)
     with open(path, "a") as f:
-        f.write(("step,loss,lr,img_per_s,val_loss\n" if new else "") + f"{step},{loss},{lr},{img_per_s},{val}\n")
+        f.write(("step,time_s,loss,lr,img_per_s,val_loss\n" if new else "")
+                + f"{step},{time_s:.1f},{loss},{lr},{img_per_s},{val}\n")
 
 
 def due(step, every):
@@ -257,6 +261,8 @@ def main(argv=None):
         die(f"--preset {args.preset}: unknown; choose from {', '.join(PRESETS)}")
     if args.balance not in ("none", "sqrt", "inverse"):
         die(f"--balance {args.balance}: choose none, sqrt or inverse")
+    if args.loss not in ("mse", "min-snr") or args.snr_gamma <= 0:
+        die(f"--loss {args.loss} / --snr-gamma {args.snr_gamma}: choose mse or min-snr, and a gamma > 0")
 
     # ---- data ----
     train_df, val_df = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
@@ -301,19 +307,23 @@ def main(argv=None):
     unet = unet.to(device, memory_format=memory_format).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda or None)
-    start, seen = 0, 0  # optimizer steps done, training images drawn from the stream by all ranks
+    start, seen, train_s = 0, 0, 0.0  # optimizer steps done, images drawn by all ranks, seconds spent training
     if ckpt is not None:
         unet.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when saved without fp16
             scaler.load_state_dict(ckpt["scaler"])
-        start, seen = ckpt["step"], ckpt["samples_seen"]
+        start, seen, train_s = ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)
         set_rng_state(ckpt["rng"])
     model = torch.compile(unet) if args.compile else unet  # unet stays uncompiled: no _orig_mod. in saved keys
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     alpha_bar = make_schedule().alphas_cumprod.to(device)  # (1000,)
+    snr = alpha_bar / (1 - alpha_bar)  # signal-to-noise ratio of xt, from ~1e4 at t=0 to ~4e-5 at t=999
+    # Min-SNR-gamma: for eps-prediction the weight min(SNR, gamma) / SNR stops the easy low-noise steps (huge SNR)
+    # from pulling the shared weights their way; plain MSE weighs every t the same
+    loss_weight = snr.clamp(max=args.snr_gamma) / snr if args.loss == "min-snr" else torch.ones_like(snr)  # (1000,)
 
     # ---- the stream of training batches, and the fixed val set ----
     stream = index_stream(class_weights(train_df.class_id.to_numpy(), args.balance), args.balance != "none", args.seed, seen)
@@ -340,7 +350,13 @@ def main(argv=None):
         save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
             "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "samples_seen": seen, "unet_config": unet_config(unet),
-            "classes": list(CLASSES), "image_size": size, "args": vars(args), "rng": rng_state()})
+            "classes": list(CLASSES), "image_size": size, "args": vars(args), "rng": rng_state(), "time_s": train_s})
+
+    def snapshot(step):  # the EMA weights alone: sample.py and curve.py read it like a ckpt.pt
+        path = os.path.join(args.out_dir, "snapshots", f"ema_step{step:06d}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_checkpoint(path, {"ema": ema.state_dict(), "step": step, "time_s": train_s, "unet_config": unet_config(unet),
+                               "classes": list(CLASSES), "image_size": size, "args": vars(args)})
 
     stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit 0
 
@@ -355,6 +371,7 @@ def main(argv=None):
     g = torch.Generator(device)  # t, eps and label dropout; reseeded from (seed, micro-step, rank) each micro-step
     loss_sum, n_loss = torch.zeros((), device=device), 0  # the loss stays on the device: no sync per step
     t0, n_img, done = time.time(), 0, start
+    t_last = t0  # train_s counts the training steps only, not the val losses, grids and saves
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, dynamic_ncols=True)
     for step in bar:
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
@@ -371,7 +388,8 @@ def main(argv=None):
             # DDP averages the gradients on the last micro-batch only
             with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
                 with autocast():
-                    loss = F.mse_loss(model(xt, t, class_labels=y).sample.float(), eps)
+                    eps_pred = model(xt, t, class_labels=y).sample.float()  # (B, 1, H, W)
+                loss = (loss_weight[t] * (eps_pred - eps).pow(2).mean((1, 2, 3))).mean()  # weighted eps-MSE
                 scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if args.clip > 0:
@@ -385,6 +403,7 @@ def main(argv=None):
         seen += args.batch_size * args.grad_accum * world
         n_img += args.batch_size * args.grad_accum * world
 
+        train_s += time.time() - t_last
         stopping = bool(stop)  # read once: a signal arriving after this line is handled at the next step
         if world > 1:  # every rank must stop at the same step, or the others wait forever in the next all-reduce;
             stopping = False  # agreeing costs a device sync, so the ranks compare notes every STOP_CHECK steps
@@ -393,6 +412,7 @@ def main(argv=None):
                 dist.all_reduce(flag)
                 stopping = flag.item() > 0
         log, evaluate, grid = due(done, args.log_every), due(done, args.eval_every), due(done, args.sample_every)
+        snap = due(done, args.snapshot_every)
         save = due(done, args.save_every) or done == args.max_steps or stopping
         if log or save:  # on every rank: the mean loss is all-reduced
             train_loss = window_loss(loss_sum, n_loss, world)
@@ -409,15 +429,18 @@ def main(argv=None):
             v = val_loss(unet, xt_val, t_val, y_val, eps_val, args.batch_size, autocast)
             tqdm.write(f"step {done} | val loss {v:.4f}")
         if master and (log or evaluate):
-            append_metrics(metrics, done, *((f"{train_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}") if log else ()),
+            append_metrics(metrics, done, train_s, *((f"{train_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}") if log else ()),
                            val=f"{v:.6g}" if evaluate else "")
         if master and grid:
             save_grid(ema, os.path.join(args.out_dir, f"samples_step{done:06d}.png"), args.sample_per_class,
                       args.sample_guidance, done, device, autocast)
         if master and save:
             checkpoint(done)
-        if evaluate or grid or save:
+        if master and snap:
+            snapshot(done)
+        if evaluate or grid or save or snap:
             t0, n_img = time.time(), 0  # img/s measures training only
+        t_last = time.time()
         if stopping:
             break
     bar.close()

@@ -70,7 +70,7 @@ def data(tmp_path_factory):
 
 def run(data, samples, out, *extra):
     return evaluate.main(["--data-dir", str(data), "--samples", str(samples), "--out", str(out), "--size", str(SIZE),
-                          "--width", "8", "--epochs", "3", "--steps", "15", "--batch-size", "32", "--n-boot", "50",
+                          "--width", "8", "--epochs", "3", "--epoch-steps", "15", "--batch-size", "32", "--repeats", "30",
                           "--workers", "1", "--device", "cpu", "--no-utility", *extra])
 
 
@@ -101,42 +101,83 @@ def test_frechet_matches_closed_form():
     assert abs(evaluate.frechet_distance(f1, f1)) < 1e-6
 
 
-def test_real_images_come_from_cache_or_pngs(data, tmp_path):
+def test_kid_is_unbiased_in_set_size_where_fd_is_not():
+    rng = np.random.default_rng(0)
+    same = lambda n: [rng.normal(0, 1, (n, 8)) for _ in range(2)]
+    for n in (10, 100):  # mean 0 for one distribution at any n: within 3 standard errors of 0 over 400 draws
+        kids = np.array([evaluate.kid(*same(n)) for _ in range(400)])
+        assert abs(kids.mean()) < 3 * kids.std() / np.sqrt(len(kids))
+    fd_small, fd_large = (np.mean([evaluate.frechet_distance(*same(n)) for _ in range(300)]) for n in (10, 100))
+    assert fd_small > 5 * fd_large > 0  # FD of one distribution with itself shrinks ~1/n: sizes must match
+    shifted = [evaluate.kid(rng.normal(0, 1, (50, 8)), rng.normal(0.5, 1, (50, 8))) for _ in range(50)]
+    assert np.mean(shifted) > 0.05  # a real difference stands out
+
+
+def test_realism_is_size_matched_and_reads_one_for_real_images():
+    rng = np.random.default_rng(1)
+    real = rng.normal(0, 1, (60, 6))
+    for n_synth in (15, 400):  # far fewer or far more "synthetic" images than real ones: the ratio stays ~1
+        d = evaluate.matched_realism(rng.normal(0, 1, (n_synth, 6)), real, 200, 1000, rng)
+        assert d.shape == (200, 4) and d[:, 0].mean() / d[:, 1].mean() == pytest.approx(1, abs=0.3)
+    d = evaluate.matched_realism(rng.normal(1, 1, (400, 6)), real, 200, 1000, rng)
+    assert d[:, 0].mean() > 3 * d[:, 1].mean()  # a shifted distribution is far above its floor
+    assert np.isnan(evaluate.matched_realism(real[:1], real, 5, 1000, rng)).all()  # one image: no covariance
+
+
+def test_diversity_catches_the_same_image_drawn_again():
+    rng = np.random.default_rng(2)
+    f = rng.normal(0, 1, (300, 16))
+    assert evaluate.diversity(np.repeat(f[:1], 50, 0), 1000, rng) < 1e-6  # cdist rounding, not 0
+    small, large = evaluate.diversity(f[:20], 1000, rng), evaluate.diversity(f, 1000, rng)
+    assert small == pytest.approx(large, rel=0.1) and large == pytest.approx(np.sqrt(2 * 16), rel=0.05)
+
+
+def test_real_images_come_from_cache_or_pngs_in_chunks(data, tmp_path, monkeypatch):
     x, y, names = evaluate.load_split(data, "test", SIZE)
     x_png, y_png, _ = evaluate.load_split(make_data(tmp_path / "nocache", cache=False), "test", SIZE)
     assert x.shape == (150, SIZE, SIZE) and np.array_equal(x, x_png) and np.array_equal(y, y_png)
     assert list(names[:2]) == list(pd.read_csv(data / "test.csv")["image_index"][:2])
-    assert evaluate.load_split(data, "test", 8)[0].shape == (150, 8, 8)  # cache at 16, asked for 8: resized
+    whole, px = evaluate.load_split(data, "test", 8)[0], evaluate.pixels(x)
+    monkeypatch.setattr(evaluate, "CHUNK", 7)  # NIH scale is read and reduced a chunk at a time: same result
+    assert whole.shape == (150, 8, 8) and np.array_equal(evaluate.load_split(data, "test", 8)[0], whole)
+    assert torch.equal(evaluate.pixels(x), px)
 
 
 # ---- end to end ----
 
-def test_report_for_samples_from_the_real_distribution(data, tmp_path):
-    # fresh draws from the test distribution: what a perfect generator would produce
-    x, y = draw_set([8] * 6, np.random.default_rng(1))
+def test_held_out_real_images_score_as_real(data, tmp_path):
+    # new draws of the real distribution in another class mix and size than the real splits: a perfect generator
+    x, y = draw_set([60, 10, 20, 10, 10, 30], np.random.default_rng(1))
     out = tmp_path / "report"
-    R = run(data, write_samples(tmp_path / "good", x, y), out, "--pairs", "4")
-    assert set(R) == {"settings", "classifier", "label_fidelity", "realism", "memorization", "utility"}
+    R = run(data, write_samples(tmp_path / "real", x, y), out, "--pairs", "4")
     for f in ("report.json", "report.md", "closest_pairs.png", "grid.png", "memorization.csv"):
         assert (out / f).exists()
     assert json.loads((out / "report.json").read_text()) == R
-    assert "## 4. Memorization" in (out / "report.md").read_text()
     assert Image.open(out / "closest_pairs.png").size == (2 * 200, 4 * (200 + 14))  # 4 pairs: synthetic | train
     for f in ("closest_pairs.png", "grid.png"):  # figures holding synthetic images say so in their metadata
         assert Image.open(out / f).text["synthetic"] == "1"
-    assert len(pd.read_csv(out / "memorization.csv")) == 48
-    assert R["classifier"]["macro_auc"] > 0.95 and set(R["classifier"]["per_class"]) == set(CLASSES)
-    assert R["label_fidelity"]["overall"]["synthetic"] > 0.8
-    fd = R["realism"]["overall"]
-    assert fd["synthetic_vs_test"] < 3 * fd["val_vs_test"]
-    assert R["memorization"]["flagged"] <= 0.1 * 48
-    assert not R["classifier"]["cached"]
+    assert len(pd.read_csv(out / "memorization.csv")) == len(x)
+    assert R["classifier"]["macro_auc"] > 0.95 and not R["classifier"]["cached"]
+    S = R["summary"]
+    assert S["fd"]["floor"]["lo"] <= S["fd"]["synthetic"]["mean"] <= S["fd"]["floor"]["hi"]  # realism: as real as real
+    assert S["kid"]["synthetic"]["lo"] <= 0 <= S["kid"]["synthetic"]["hi"]
+    for name, d in R["per_class"].items():
+        assert d["fd"]["synthetic"]["mean"] <= d["fd"]["floor"]["hi"], name
+        assert d["fidelity"] >= d["accuracy"] - 0.1, name  # within a few points of real test images
+        assert 0.8 < d["diversity_features"] < 1.25 and 0.8 < d["diversity_pixels"] < 1.25, name
+    assert S["fidelity"] == pytest.approx(S["accuracy"], abs=0.05)
+    assert S["memorized"] <= 0.04 * len(x)  # ~1% expected by construction of the threshold
+    assert "realism: FD ratio" in (out / "report.md").read_text()
 
-    # junk samples (flat noise) are far above the floor; the cached classifier is reused for them
+    # the same images with swapped labels lose their fidelity, not their realism as a whole
+    swapped = [CLASSES[(c + 1) % len(CLASSES)] for c in y]
+    R2 = run(data, write_samples(tmp_path / "swapped", x, y, swapped), out)
+    assert R2["classifier"]["cached"] and R2["summary"]["fidelity"] < 0.1
+
+    # junk (flat noise) is far above the floor, and draws the same-looking image again and again in features
     junk = np.random.default_rng(2).integers(0, 256, (48, SIZE, SIZE)).astype(np.uint8)
-    R2 = run(data, write_samples(tmp_path / "junk", junk, y), out)
-    assert R2["classifier"]["cached"] and R2["classifier"]["macro_auc"] == R["classifier"]["macro_auc"]
-    assert R2["realism"]["overall"]["synthetic_vs_test"] > 10 * fd["val_vs_test"]
+    R3 = run(data, write_samples(tmp_path / "junk", junk, np.repeat(np.arange(6), 8)), out)
+    assert R3["summary"]["fd_ratio"] > 10 and R3["summary"]["fd"]["synthetic"]["lo"] > S["fd"]["floor"]["hi"]
 
 
 def test_copies_of_training_images_are_flagged(data, tmp_path):
@@ -147,28 +188,34 @@ def test_copies_of_training_images_are_flagged(data, tmp_path):
     assert (mem["pixel_corr"] > 0.9999).all() and mem["flagged"].all()
 
 
-def test_shuffled_labels_drop_label_fidelity_to_chance(data, tmp_path):
-    x, y = draw_set([8] * 6, np.random.default_rng(3))
-    labels = [CLASSES[c] for c in np.random.default_rng(4).permutation(y)]
-    R = run(data, write_samples(tmp_path / "shuffled", x, y, labels), tmp_path / "report")
-    assert R["label_fidelity"]["overall"]["synthetic"] < 0.4  # chance is 1/6
-    assert R["label_fidelity"]["overall"]["real_test"] > 0.8
-
-
-def test_utility_trains_three_classifiers_with_intervals(data, tmp_path):
+def test_utility_intervals_hold_test_resampling_and_training_seeds(data, tmp_path):
     x, y = draw_set([6] * 6, np.random.default_rng(5))
     out = tmp_path / "report"
     argv = ["--data-dir", str(data), "--samples", str(write_samples(tmp_path / "s", x, y)), "--out", str(out),
-            "--size", str(SIZE), "--width", "8", "--epochs", "2", "--steps", "10", "--n-boot", "40", "--device", "cpu"]
+            "--size", str(SIZE), "--width", "8", "--epochs", "2", "--epoch-steps", "10", "--n-boot", "40",
+            "--utility-seeds", "2", "--repeats", "5", "--device", "cpu"]
     U = evaluate.main(argv)["utility"]
-    assert set(U) == {"n_boot", "train", "train+synth", "synth", "diff"}
+    assert set(U) == {"n_boot", "seeds", "train", "train+synth", "synth", "diff"} and U["seeds"] == 2
     for m in ("train", "train+synth", "synth"):
         for name in CLASSES + ["macro"]:
             assert U[m][name]["lo"] <= U[m][name]["auc"] <= U[m][name]["hi"]
     gain = U["train+synth"]["macro"]["auc"] - U["train"]["macro"]["auc"]
     assert U["diff"]["macro"]["auc"] == pytest.approx(gain, abs=1e-3)
-    assert len(list((out / "classifiers").glob("*.pt"))) == 3
-    assert "train+synth - train" in (out / "report.md").read_text()
+    assert len(list((out / "classifiers").glob("*.pt"))) == 3 * 2  # three classifiers, two seeds each
+    assert "2 training seeds" in (out / "report.md").read_text()
+
+
+def test_bootstrap_interval_widens_with_training_noise():
+    rng = np.random.default_rng(0)
+    K = len(CLASSES)
+    y = np.repeat(np.arange(K), 30)
+    clean = np.eye(K)[y] * 0.6 + rng.random((len(y), K))
+    noisy = [clean + rng.normal(0, s, clean.shape) for s in (0.0, 0.8, 1.6)]  # three seeds that disagree
+    one = evaluate.bootstrap_auc({"a": [clean], "b": [clean]}, y, 300, 0)
+    many = evaluate.bootstrap_auc({"a": noisy, "b": noisy}, y, 300, 0)
+    width = lambda r: r["a"]["macro"]["hi"] - r["a"]["macro"]["lo"]
+    assert width(many) > 1.5 * width(one)
+    assert one["diff"]["macro"]["auc"] == 0 and one["diff"]["macro"]["lo"] == one["diff"]["macro"]["hi"] == 0
 
 
 def test_changed_training_data_retrains(data, tmp_path):
@@ -183,33 +230,6 @@ def test_changed_training_data_retrains(data, tmp_path):
     (changed / "cache.npy").symlink_to(data / "cache.npy")
     assert not run(changed, samples, tmp_path / "report")["classifier"]["cached"]
     assert len(list((tmp_path / "report" / "classifiers").glob("real-*.pt"))) == 2
-
-
-def test_inception_fid_goes_through_torchmetrics(data, tmp_path, monkeypatch):
-    seen, fail = [], []
-
-    class FakeFID:  # stands in for torchmetrics' FrechetInceptionDistance: nothing is downloaded
-        def __init__(self, feature):
-            if fail:
-                raise RuntimeError("no internet\nlong traceback text")
-        def to(self, device):
-            return self
-        def update(self, x, real):
-            seen.append((x.dtype, tuple(x.shape[1:]), real))
-        def compute(self):
-            return torch.tensor(12.5)
-
-    for name in ("torchmetrics", "torchmetrics.image", "torchmetrics.image.fid"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules["torchmetrics.image.fid"].FrechetInceptionDistance = FakeFID
-    x, y = draw_set([2] * 6, np.random.default_rng(8))
-    R = run(data, write_samples(tmp_path / "s", x, y), tmp_path / "r", "--inception")
-    assert R["realism"]["inception_fid"] == 12.5
-    assert {real for _, _, real in seen} == {True, False}  # real test and synthetic both fed
-    assert all(dtype == torch.uint8 and shape == (3, SIZE, SIZE) for dtype, shape, _ in seen)
-    fail.append(1)
-    with pytest.raises(SystemExit, match="could not load the Inception weights: RuntimeError: no internet$"):
-        run(data, tmp_path / "s", tmp_path / "r", "--inception")
 
 
 # ---- bad input: one clear line, no traceback ----
@@ -230,6 +250,7 @@ def test_bad_input_is_one_clear_error_line(data, tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: no CUDA device"):
             run(data, good, tmp_path / "r", "--device", "cuda")
-    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if not installed; nothing is ever downloaded
-    with pytest.raises(SystemExit, match="--inception needs torchmetrics"):
-        run(data, good, tmp_path / "r", "--inception")
+    with pytest.raises(SystemExit, match="--repeats 0: too small"):
+        run(data, good, tmp_path / "r", "--repeats", "0")
+    with pytest.raises(SystemExit, match="no class of the synthetic images has >= 4 real val"):
+        run(data, write_samples(tmp_path / "one", x[:1], y[:1]), tmp_path / "r")

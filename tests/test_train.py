@@ -133,7 +133,7 @@ def test_tiny_model_overfits_and_writes_the_run_folder(tmp_path):
     run(data, out, "--max-steps", "30", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "3",
         "--log-every", "5", "--eval-every", "15", "--sample-every", "30", "--sample-per-class", "1")
     m = pd.read_csv(out / "metrics.csv")
-    assert list(m.columns) == ["step", "loss", "lr", "img_per_s", "val_loss"] and m.step.tolist() == [5, 10, 15, 20, 25, 30]
+    assert list(m.columns) == ["step", "time_s", "loss", "lr", "img_per_s", "val_loss"] and m.step.tolist() == [5, 10, 15, 20, 25, 30]
     assert m.loss.iloc[-1] < 0.4 * m.loss.iloc[0]  # falls well below its start
     assert m.lr.tolist() == pytest.approx([train.lr_at(s - 1, 2e-3, 3, 30) for s in m.step], rel=1e-4)
     assert m.val_loss.notna().tolist() == [False, False, True, False, False, True]
