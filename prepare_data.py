@@ -3,14 +3,17 @@ Prepare the NIH ChestX-ray14 images for class-conditional diffusion: pick the si
 split them 80/10/10 by patient (seeded, stratified), resolve paths, and cache them as one uint8 (N, size, size) array.
 
     python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--seed 0] [--size 256]
-                           [--workers N] [--no-cache] [--overwrite]
+                           [--aspect pad|crop|stretch] [--workers N] [--no-cache] [--overwrite]
     python prepare_data.py --demo --out data/demo [--seed 0] [--size 256]   # phantom CXRs, seconds on a CPU
 
 Writes into --out: metadata.parquet, train.csv, val.csv, test.csv, cache.npy (unless --no-cache),
-missing.csv (in the label file, not on disk), bad_images.csv (on disk, unreadable).
+missing.csv (in the label file, not on disk), bad_images.csv (on disk, unreadable), prepare.json (what a rerun
+compares: the same inputs and settings again exit at once, anything else needs --overwrite).
 """
 import argparse
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -20,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, PngImagePlugin
 from tqdm import tqdm
 
 CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]  # class_id order
@@ -28,7 +31,9 @@ FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion",
             "Infiltration", "Mass", "No Finding", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
 SPLITS, FRACS = ["train", "val", "test"], np.array([0.8, 0.1, 0.1])
 NEEDED = ["Image Index", "Finding Labels", "Patient ID"]
-LIST_COLS = ["image_index", "patient_id", "label", "class_id", "path", "cache_row"]
+LIST_COLS = ["image_index", "patient_id", "label", "class_id", "path", "cache_row", "synthetic"]  # + sample.py's
+SIZES = [2 ** k for k in range(5, 11)]  # train.py's UNet takes powers of two >= 32; NIH films are 1024 px: no upscaling
+WINDOW_PCT = (0.5, 99.5)  # >8-bit films: these percentiles -> 0..255; min/max let one hot pixel blacken the film
 ERR = "prepare_data.py: error:"
 
 
@@ -51,6 +56,17 @@ def read_labels(csv):
         raise SystemExit(f"{ERR} --csv {csv}: empty file, or empty/non-integer 'Patient ID' or 'Image Index'")
     return pd.DataFrame({"image_index": df["Image Index"].str.strip(), "patient_id": pid.astype("int64"),
                          "labels": df["Finding Labels"].fillna("")})
+
+
+def drop_duplicates(df, M, csv=""):
+    """An Image Index listed again (merged label files): dropped if patient and findings (M) agree, else an error."""
+    ref = pd.Series(np.arange(len(df))).groupby(df["image_index"].to_numpy()).transform("first").to_numpy()
+    pid, lab = df["patient_id"].to_numpy(), df["labels"].to_numpy()  # ref: row of each image's first listing
+    for i in np.flatnonzero((pid != pid[ref]) | (M != M[ref]).any(1))[:1]:
+        raise SystemExit(f"{ERR} --csv {csv}: '{df['image_index'].iat[i]}' is listed twice with different 'Patient ID'"
+                         f" or 'Finding Labels': {pid[ref[i]]}, '{lab[ref[i]]}' and {pid[i]}, '{lab[i]}'")
+    keep = ref == np.arange(len(df))
+    return df[keep].reset_index(drop=True), M[keep], int((~keep).sum())
 
 
 def parse_findings(labels, csv=""):
@@ -107,34 +123,42 @@ def index_images(root):
     return paths
 
 
-def load_gray(path, size):
-    """One image -> (size, size) uint8 grayscale, antialiased. 16-bit is scaled by its own range, not clipped."""
+def load_gray(path, size, aspect="pad"):
+    """One image -> (size, size) uint8 grayscale, antialiased, never flipped; and whether it was non-square."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        if im.mode.startswith(("I", "F")):  # I, I;16, I;16B, F ...: more than 8 bits, windowed by WINDOW_PCT
             a = np.asarray(im, dtype=np.float64)
-            lo, hi = a.min(), a.max()
-            im = Image.fromarray(np.round((a - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8))
+            lo, hi = np.percentile(a, WINDOW_PCT)
+            im = Image.fromarray(np.round(np.clip((a - lo) * (255.0 / max(hi - lo, 1e-12)), 0, 255)).astype(np.uint8))
         else:
             im = im.convert("L")  # RGB/RGBA/LA/P -> L (alpha dropped)
-        return np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0), dtype=np.uint8)
+        w, h = im.size
+        if w == h or aspect == "stretch":
+            im = im.resize((size, size), Image.LANCZOS, reducing_gap=3.0)
+        elif aspect == "pad":  # the whole film, centred between black bars
+            im = ImageOps.pad(im, (size, size), Image.LANCZOS, color=0)
+        else:  # crop: the centre square, at full scale
+            im = ImageOps.fit(im, (size, size), Image.LANCZOS)
+        return np.asarray(im, dtype=np.uint8), w != h
 
 
 def _decode(job):
     try:
-        return load_gray(*job), ""
+        return *load_gray(*job), ""
     except Exception as e:  # any corrupt file: report it, keep going
-        return None, f"{type(e).__name__}: {e}"
+        return None, False, f"{type(e).__name__}: {e}"
 
 
-def build_cache(paths, size, workers, dst):
-    """Decode every path (in order) into dst, a (N', size, size) uint8 .npy; returns per-path error ('' = ok)."""
+def build_cache(paths, size, aspect, workers, dst):
+    """Decode paths (in order) into dst, a (N', size, size) uint8 .npy -> per-path errors ('' = ok), non-square count"""
     X = np.lib.format.open_memmap(dst + ".tmp", mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-    errs, jobs, r = [], [(p, size) for p in paths], 0
+    errs, jobs, r, n_rect = [], [(p, size, aspect) for p in paths], 0, 0
     with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         it = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)  # imap keeps the order
-        for x, err in tqdm(it, total=len(jobs), desc=f"cache {size}px", unit="img"):
+        for x, rect, err in tqdm(it, total=len(jobs), desc=f"cache {size}px", unit="img"):
             errs.append(err)
+            n_rect += rect
             if x is not None:  # good images packed at the front: row r = r-th good image
                 X[r], r = x, r + 1
     if r < len(paths):  # some were unreadable: copy the packed rows into a file of the right shape
@@ -146,7 +170,7 @@ def build_cache(paths, size, workers, dst):
     X.flush()
     del X
     os.replace(dst + ".tmp", dst)
-    return errs
+    return np.array(errs), n_rect
 
 
 def write_csv(df, path):
@@ -213,8 +237,7 @@ def phantom(rng, a, cls, n=256):
             wedge = sig(0.5 - np.abs(np.arctan2(-(v + 0.05), k * u - 0.1) - 1.25), 0.06) * L[k]
             air, mk = air * (1 - 0.95 * wedge), mk * (1 - wedge)
         if cls == 4 and k == s:  # pneumonia: patchy airspace opacity, mid and lower zone
-            lo = Image.fromarray(rng.normal(0, 1, (10, 10)).astype(np.float32))  # coarse noise -> patches
-            lo = np.asarray(lo.resize((n, n), Image.BICUBIC))
+            lo = np.asarray(Image.fromarray(rng.normal(0, 1, (10, 10)).astype(np.float32)).resize((n, n), Image.BICUBIC))
             air = air * (1 - 0.7 * sig(np.exp(-((u - k * 0.42) ** 2 + (v - 0.2) ** 2) / 0.12) + 0.3 * lo - 0.5, 0.06))
         I = I - 0.55 * air + 0.15 * mk
         aer = aer + air
@@ -234,8 +257,7 @@ def phantom(rng, a, cls, n=256):
 
 def make_demo(raw, seed=0):
     """Write a phantom NIH-style dataset to raw/: Data_Entry_2017.csv (trailing commas) + images_001/images/*.png."""
-    rng = np.random.default_rng(seed)
-    img_dir = os.path.join(raw, "images_001", "images")
+    rng, img_dir = np.random.default_rng(seed), os.path.join(raw, "images_001", "images")
     shutil.rmtree(raw, ignore_errors=True)
     os.makedirs(img_dir)
     cls = rng.permutation(np.repeat(np.arange(6), [70, 16, 10, 16, 10, 12]))  # patients per class, skewed like NIH
@@ -255,7 +277,6 @@ def make_demo(raw, seed=0):
             lines.append(f"{name},{CLASSES[y]},{f},{pid},{age + f // 2},{'MF'[pid % 2]},PA,256,256,0.143,0.143,")
     with open(os.path.join(raw, "Data_Entry_2017.csv"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    return os.path.join(raw, "Data_Entry_2017.csv"), raw
 
 
 def main(argv=None):
@@ -269,17 +290,25 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (and of the demo)")
     # ---- cache ----
-    p.add_argument("--size", type=int, default=256, help="cached image side in pixels")
+    p.add_argument("--size", type=int, default=256, help=f"cached image side in pixels, one of {SIZES}")
+    p.add_argument("--aspect", choices=["pad", "crop", "stretch"], default="pad", help="non-square films: pad (black "
+                   "bars, whole chest kept: apices, costophrenic angles), crop (centre square) or stretch (distorts)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
     p.add_argument("--no-cache", action="store_true", help="skip decoding images into cache.npy")
     args = p.parse_args(argv)
-    out = args.out
-    if os.path.exists(os.path.join(out, "metadata.parquet")) and not args.overwrite:
-        raise SystemExit(f"{ERR} --out {out} already holds a prepared dataset (metadata.parquet); pass --overwrite")
-    if args.size < 1 or args.workers < 1:
-        raise SystemExit(f"{ERR} --size and --workers must be >= 1")
-    if args.demo:
-        args.csv, args.images = make_demo(os.path.join(out, "raw"), args.seed)  # creates --out too
+    out, done = args.out, os.path.exists(os.path.join(args.out, "metadata.parquet"))
+    held = f"{ERR} --out {out} already holds a prepared dataset (metadata.parquet)"
+    if args.size not in SIZES:  # before any work: train.py refuses any other size, after a full decode
+        raise SystemExit(f"{ERR} --size {args.size}: use one of {', '.join(map(str, SIZES))} (train.py's UNet "
+                         f"takes powers of two >= 32)")
+    if args.workers < 1:
+        raise SystemExit(f"{ERR} --workers must be >= 1")
+    if args.demo:  # the phantoms are inputs like any other: never regenerated under a prepared dataset
+        args.csv, args.images = os.path.join(out, "raw", "Data_Entry_2017.csv"), os.path.join(out, "raw")
+        if args.overwrite or not done:
+            make_demo(args.images, args.seed)  # creates --out too
+        elif not os.path.isfile(args.csv):
+            raise SystemExit(f"{held}, not a demo; pass --overwrite to replace it")
     elif not args.csv or not args.images:
         raise SystemExit(f"{ERR} --csv and --images are required (or use --demo)")
     if not os.path.isdir(args.images):
@@ -288,12 +317,14 @@ def main(argv=None):
     # ---- labels -> kept images -> patient split (before looking at the disk: the split never depends on it) ----
     t0 = time.time()
     raw = read_labels(args.csv)
-    meta = select_classes(raw, parse_findings(raw["labels"], args.csv))
+    df, M, n_dup = drop_duplicates(raw, parse_findings(raw["labels"], args.csv), args.csv)
+    meta = select_classes(df, M)
     if len(meta) == 0:
         raise SystemExit(f"{ERR} --csv {args.csv}: no image labelled exactly one of {CLASSES}")
     meta["split"] = split_patients(meta, args.seed)
     assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
-    print(f"{len(raw)} label rows -> {len(meta)} single-label images of {meta.patient_id.nunique()} patients")
+    print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta)} single-label images of "
+          f"{meta.patient_id.nunique()} patients")
 
     # ---- resolve paths; missing images are dropped, counted and listed ----
     meta["path"] = meta["image_index"].map(index_images(args.images))
@@ -306,23 +337,41 @@ def main(argv=None):
         raise SystemExit(f"{ERR} --images {args.images}: none of the images in {args.csv} found")
     print(f"labels and paths: {time.time() - t0:.1f}s")
 
+    # ---- the same inputs and settings as the dataset in --out: nothing to do; anything else needs --overwrite ----
+    with open(args.csv, "rb") as fh:  # image contents are not read: that is the work a rerun skips
+        stamp = {"labels_sha256": hashlib.sha256(fh.read()).hexdigest(), "size": args.size, "seed": args.seed,
+                 "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),
+                 "aspect": args.aspect, "cache": not args.no_cache}
+    if done and not args.overwrite:
+        old = {}
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
+            old = json.load(fh)
+        diff = [k for k in stamp if old.get(k) != stamp[k]]
+        if not diff:
+            return print(f"{out} is already prepared from the same inputs and settings (prepare.json): nothing to do")
+        why = f"other {', '.join(diff)}" if old else "no prepare.json"
+        raise SystemExit(f"{held} from other inputs or settings ({why}); pass --overwrite to replace it")
+
     # ---- cache: decode once, corrupt files out of the splits ----
     os.makedirs(out, exist_ok=True)
-    meta["cache_row"] = np.int64(-1)
+    meta["cache_row"], meta["synthetic"] = np.int64(-1), np.int64(0)  # real films; sample.py's manifest has 1
     bad = meta.iloc[:0].assign(error="")
-    for f in ("metadata.parquet", "cache.npy"):  # --overwrite: the old dataset is gone before the new is written
+    for f in ("prepare.json", "metadata.parquet", "cache.npy"):  # --overwrite: the old dataset goes first
         if os.path.exists(os.path.join(out, f)):
             os.remove(os.path.join(out, f))
     if not args.no_cache:
-        errs = np.array(build_cache(meta["path"].tolist(), args.size, args.workers, os.path.join(out, "cache.npy")))
+        errs, n_rect = build_cache(meta["path"].tolist(), args.size, args.aspect, args.workers,
+                                   os.path.join(out, "cache.npy"))
         bad = meta[errs != ""].assign(error=errs[errs != ""])
         meta = meta[errs == ""].reset_index(drop=True)
         meta["cache_row"] = np.arange(len(meta), dtype=np.int64)
+        print(f"{n_rect} non-square images made square (--aspect {args.aspect})")
         if len(bad):
             print(f"{len(bad)} unreadable images dropped (bad_images.csv)")
 
-    # ---- write: temp name + rename; metadata.parquet last, it marks a finished dataset ----
-    meta = meta[["image_index", "patient_id", "label", "class_id", "split", "path", "cache_row"] + FINDINGS]
+    # ---- write: temp name + rename; metadata.parquet, then prepare.json last: they mark a finished dataset ----
+    meta = meta[["image_index", "patient_id", "label", "class_id", "split", "path", "cache_row", "synthetic"] + FINDINGS]
+    assert meta["image_index"].is_unique, "an image is in two splits"
     write_csv(missing[["image_index", "patient_id", "label", "class_id", "split"]], os.path.join(out, "missing.csv"))
     write_csv(bad[["image_index", "patient_id", "label", "class_id", "split", "path", "error"]],
               os.path.join(out, "bad_images.csv"))
@@ -331,6 +380,9 @@ def main(argv=None):
     dst = os.path.join(out, "metadata.parquet")  # schema metadata dropped: same inputs -> same bytes
     pq.write_table(pa.Table.from_pandas(meta, preserve_index=False).replace_schema_metadata(None), dst + ".tmp")
     os.replace(dst + ".tmp", dst)
+    with open(os.path.join(out, "prepare.json.tmp"), "w") as fh:
+        json.dump(stamp, fh, indent=1)
+    os.replace(os.path.join(out, "prepare.json.tmp"), os.path.join(out, "prepare.json"))
 
     img = pd.crosstab(meta.label, meta.split).reindex(index=CLASSES, columns=SPLITS, fill_value=0)
     pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=CLASSES, columns=SPLITS)
