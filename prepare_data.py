@@ -162,10 +162,8 @@ def build_cache(paths, size, aspect, workers, dst):
             if x is not None:  # good images packed at the front: row r = r-th good image
                 X[r], r = x, r + 1
     if r < len(paths):  # some were unreadable: copy the packed rows into a file of the right shape
-        Y = np.lib.format.open_memmap(dst + ".tmp2", mode="w+", dtype=np.uint8, shape=(r, size, size))
-        for i in range(0, r, 4096):
-            Y[i:i + 4096] = X[i:min(i + 4096, r)]
-        Y.flush()
+        with open(dst + ".tmp2", "wb") as fh:
+            np.save(fh, X[:r])  # streamed from the memory map, never all in RAM
         os.replace(dst + ".tmp2", dst + ".tmp")
     X.flush()
     del X
@@ -237,7 +235,8 @@ def phantom(rng, a, cls, n=256):
             wedge = sig(0.5 - np.abs(np.arctan2(-(v + 0.05), k * u - 0.1) - 1.25), 0.06) * L[k]
             air, mk = air * (1 - 0.95 * wedge), mk * (1 - wedge)
         if cls == 4 and k == s:  # pneumonia: patchy airspace opacity, mid and lower zone
-            lo = np.asarray(Image.fromarray(rng.normal(0, 1, (10, 10)).astype(np.float32)).resize((n, n), Image.BICUBIC))
+            lo = Image.fromarray(rng.normal(0, 1, (10, 10)).astype(np.float32))  # coarse noise -> patches
+            lo = np.asarray(lo.resize((n, n), Image.BICUBIC))
             air = air * (1 - 0.7 * sig(np.exp(-((u - k * 0.42) ** 2 + (v - 0.2) ** 2) / 0.12) + 0.3 * lo - 0.5, 0.06))
         I = I - 0.55 * air + 0.15 * mk
         aer = aer + air
@@ -291,8 +290,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (and of the demo)")
     # ---- cache ----
     p.add_argument("--size", type=int, default=256, help=f"cached image side in pixels, one of {SIZES}")
-    p.add_argument("--aspect", choices=["pad", "crop", "stretch"], default="pad", help="non-square films: pad (black "
-                   "bars, whole chest kept: apices, costophrenic angles), crop (centre square) or stretch (distorts)")
+    p.add_argument("--aspect", choices=["pad", "crop", "stretch"], default="pad", help="non-square films: pad (default:"
+                   " black bars, the whole chest kept, costophrenic angles included), crop (centre square, full scale,"
+                   " edges lost) or stretch (distorts heart and lungs)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
     p.add_argument("--no-cache", action="store_true", help="skip decoding images into cache.npy")
     args = p.parse_args(argv)
@@ -323,6 +323,7 @@ def main(argv=None):
         raise SystemExit(f"{ERR} --csv {args.csv}: no image labelled exactly one of {CLASSES}")
     meta["split"] = split_patients(meta, args.seed)
     assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
+    assert meta["image_index"].is_unique, "an image is in two splits"  # or twice in one: never written
     print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta)} single-label images of "
           f"{meta.patient_id.nunique()} patients")
 
@@ -339,9 +340,9 @@ def main(argv=None):
 
     # ---- the same inputs and settings as the dataset in --out: nothing to do; anything else needs --overwrite ----
     with open(args.csv, "rb") as fh:  # image contents are not read: that is the work a rerun skips
-        stamp = {"labels_sha256": hashlib.sha256(fh.read()).hexdigest(), "size": args.size, "seed": args.seed,
+        stamp = {"labels_sha256": hashlib.sha256(fh.read()).hexdigest(),
                  "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),
-                 "aspect": args.aspect, "cache": not args.no_cache}
+                 "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache}
     if done and not args.overwrite:
         old = {}
         with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
@@ -370,8 +371,8 @@ def main(argv=None):
             print(f"{len(bad)} unreadable images dropped (bad_images.csv)")
 
     # ---- write: temp name + rename; metadata.parquet, then prepare.json last: they mark a finished dataset ----
-    meta = meta[["image_index", "patient_id", "label", "class_id", "split", "path", "cache_row", "synthetic"] + FINDINGS]
-    assert meta["image_index"].is_unique, "an image is in two splits"
+    meta = meta[["image_index", "patient_id", "label", "class_id", "split", "path", "cache_row", "synthetic"]
+                + FINDINGS]
     write_csv(missing[["image_index", "patient_id", "label", "class_id", "split"]], os.path.join(out, "missing.csv"))
     write_csv(bad[["image_index", "patient_id", "label", "class_id", "split", "path", "error"]],
               os.path.join(out, "bad_images.csv"))

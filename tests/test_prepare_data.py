@@ -1,6 +1,7 @@
 # Tests for prepare_data.py: label file forms, duplicates, filtering, patient split, path resolution, image cache
 # (sizes, >8-bit windowing, aspect), reruns, demo.
 import gzip
+import json
 import os
 
 import numpy as np
@@ -380,4 +381,5 @@ def test_rerun_compares_inputs_and_settings(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"\(no prepare.json\)"):
         run(*args)
     run(*args, "--overwrite")
-    assert (tmp_path / "o" / "prepare.json").exists() and not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "o"))
+    assert json.loads((tmp_path / "o" / "prepare.json").read_text())["size"] == 32
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "o"))
