@@ -125,10 +125,11 @@ def bench_train(args, device, batch, fast, dtype, flops, peak):
     cuda = device.type == "cuda"
     if fast:  # as train.py on CUDA (and with --fast-path on a CPU)
         unet = unet.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fast or None)
+    fused = fast and (cuda or torch.__version__ >= (2, 4))  # fused AdamW on a CPU: torch >= 2.4
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused or None)
     step_fn = torch.compile(unet) if fast and args.compile else unet
     amp = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
     alpha_bar = model.make_schedule().alphas_cumprod.to(device)
     x0 = torch.randn(batch, 1, args.image_size, args.image_size, device=device)
     y = torch.randint(0, model.NULL_CLASS + 1, (batch,), device=device)
