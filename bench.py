@@ -7,15 +7,17 @@ bench.py - measured speed, as ratios taken in one run: data loading, the trainin
 
 Prints a table and writes bench.json: every number, the device, the date, and the peak FLOP/s behind MFU.
 MFU = 3 x model.flops_per_image (forward + backward ~ 3 forwards) x images/s / the device's peak.
+Every row states its precision (fp32, bf16 or fp16 autocast); a configuration out of GPU memory is an "OOM" row.
 """
 import argparse
+import copy
 import datetime
+import gc
 import json
 import os
 import platform
 import tempfile
 import time
-from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -28,6 +30,7 @@ import model
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s); --peak-tflops overrides
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}  # autocast dtype: name
 
 
 def get_parser():
@@ -49,23 +52,37 @@ def get_parser():
     return p
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeat, warmup=True):
-    """Median seconds of fn() over `repeat` runs, after one warm-up run (compilation, cuDNN autotune, allocator)."""
-    if warmup:
-        fn()
+def timed(fn, device, repeat, warmup=None):
+    """Median seconds of fn() over `repeat` runs, after a warm-up (compile, cuDNN autotune): warmup() or fn()."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work runs asynchronously
+    (warmup or fn)()
     times = []
     for _ in range(repeat):
-        sync(device)
+        sync()
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        sync()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def guarded(fn, device):
+    """fn(), or {"error": "OOM"} where the configuration does not fit (fp32 eager at batch 32, base, 256 px needs
+    ~70 GB): the other configurations still run. Any other error is a bug and stops the run."""
+    try:
+        return fn()
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError; older messages say "out of memory"
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e):
+            raise
+    gc.collect()  # out of the except block: the traceback no longer holds the frames, nor their tensors
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"error": "OOM"}
+
+
+def ratio(a, b):  # throughput of row a over row b, or "-" where either ran out of memory
+    return f"x{a['img_s'] / b['img_s']:.2f}" if "img_s" in a and "img_s" in b else "-"
 
 # -----------------------------------------------------------------------------
 # 1. data: decoding a full-size PNG (what prepare_data.py does once per image) vs reading the uint8 cache
@@ -101,15 +118,18 @@ def bench_data(n_png, size, batch):
 # 2. the training step: the plain fp32 eager loop vs the fast path (bf16, channels_last, fused AdamW, compile)
 
 
-def bench_train(args, device, batch, fast, flops, peak):
+def bench_train(args, device, batch, fast, dtype, flops, peak):
+    torch._dynamo.reset()  # compile afresh per configuration: no dynamic-shape graph from another batch size
     torch.manual_seed(0)
     unet = model.build_unet(args.image_size, args.preset).to(device).train()
     cuda = device.type == "cuda"
-    if fast and cuda:
+    if fast:  # as train.py on CUDA (and with --fast-path on a CPU)
         unet = unet.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fast and cuda)
+    fused = fast and (cuda or torch.__version__ >= (2, 4))  # fused AdamW on a CPU: torch >= 2.4
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused or None)
     step_fn = torch.compile(unet) if fast and args.compile else unet
-    amp = torch.autocast("cuda", torch.bfloat16) if fast and cuda else nullcontext()
+    amp = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
     alpha_bar = model.make_schedule().alphas_cumprod.to(device)
     x0 = torch.randn(batch, 1, args.image_size, args.image_size, device=device)
     y = torch.randint(0, model.NULL_CLASS + 1, (batch,), device=device)
@@ -119,16 +139,18 @@ def bench_train(args, device, batch, fast, flops, peak):
         eps = torch.randn_like(x0)
         with amp:
             loss = F.mse_loss(step_fn(model.add_noise(x0, eps, t, alpha_bar), t, class_labels=y).sample.float(), eps)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     s = timed(step, device, args.steps)
     img_s = batch / s
-    return {"batch": batch, "path": "fast" if fast else "fp32-eager", "ms_per_step": 1e3 * s, "img_s": img_s,
+    return {"ms_per_step": 1e3 * s, "img_s": img_s,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "mfu": 3 * flops * img_s / peak if peak else None}
 
@@ -136,32 +158,33 @@ def bench_train(args, device, batch, fast, flops, peak):
 # 3. sampling: our loop (dpm++ 25 steps with guidance; ddpm 1000) vs diffusers' DDPMPipeline on the same weights
 
 
-def bench_sample(args, device, batch, ddpm_steps):
+def bench_sample(args, device, batch, ddpm_steps, dtype):
     torch.manual_seed(0)
     unet = model.build_unet(args.image_size, args.preset).to(device).eval()
-    cuda = device.type == "cuda"
     labels = torch.arange(batch, device=device) % len(model.CLASSES)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-    amp = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
-    fast_unet = unet.to(memory_format=torch.channels_last) if cuda else unet
-    with amp:  # warm-up: the 1000-step runs below are long enough to time once, cold starts excluded
-        model.sample(fast_unet, labels, "dpm++", 2, guidance=2.0, generators=gens)
-    out = {}
-    for name, sampler, steps, w in [("dpm++ 25, guidance 2", "dpm++", 25, 2.0), ("dpm++ 25, no guidance", "dpm++", 25, 1.0),
-                                    (f"ddpm {ddpm_steps}", "ddpm", ddpm_steps, 1.0)]:
-        def run():
-            with amp:
-                model.sample(fast_unet, labels, sampler, steps, guidance=w, generators=gens)
-        out[name] = batch / timed(run, device, 1, warmup=False)
-    # the peer: DDPMPipeline, fp32, every step one conditional forward (the class label is bound to the UNet)
-    peer = model.build_unet(args.image_size, args.preset).to(device).eval()
-    peer.load_state_dict(unet.state_dict())
+    peer = copy.deepcopy(unet)  # DDPMPipeline, fp32, every step one conditional forward (the label is bound)
+    fast_unet = unet.to(memory_format=torch.channels_last)
     peer.forward = partial(peer.forward, class_labels=labels)
     pipe = DDPMPipeline(unet=peer, scheduler=model.make_schedule())
     pipe.set_progress_bar_config(disable=True)
-    out[f"DDPMPipeline {ddpm_steps} fp32"] = batch / timed(
-        lambda: pipe(batch_size=batch, num_inference_steps=ddpm_steps, output_type="np"), device, 1, warmup=False)
-    return out
+
+    def ours(sampler, w, n_steps):  # the fast path: channels_last, autocast
+        with torch.autocast(device.type, dtype=dtype):
+            model.sample(fast_unet, labels, sampler, n_steps, guidance=w, generators=gens)
+
+    def theirs(n_steps):
+        pipe(batch_size=batch, num_inference_steps=n_steps, output_type="np")
+
+    rows, amp = [], PRECISION[dtype]
+    for name, precision, run, steps in [("dpm++ 25, guidance 2", amp, partial(ours, "dpm++", 2.0), 25),
+                                        ("dpm++ 25, no guidance", amp, partial(ours, "dpm++", 1.0), 25),
+                                        (f"ddpm {ddpm_steps}", amp, partial(ours, "ddpm", 1.0), ddpm_steps),
+                                        (f"DDPMPipeline {ddpm_steps}", "fp32", theirs, ddpm_steps)]:
+        # warm-up: 2 steps of the same shapes; the timed runs are long enough to time once
+        rows.append({"sampler": name, "precision": precision, **guarded(
+            lambda: {"img_s": batch / timed(partial(run, steps), device, 1, warmup=partial(run, 2))}, device)})
+    return rows
 
 
 def main(argv=None):
@@ -177,6 +200,10 @@ def main(argv=None):
         batches = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError as e:
         raise SystemExit(f"bench.py: error: {e}")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # cuDNN times its conv algorithms per shape in the warm-ups
+    # the fast path's autocast, as train.py --amp auto: bf16 where the GPU has bf16 cores (and on the CPU), else fp16
+    cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
+    fast_dtype = torch.bfloat16 if torch.version.hip or cc >= (8, 0) else torch.float16
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
     report = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -192,19 +219,23 @@ def main(argv=None):
     report["train"] = []
     for batch in batches:
         for fast in (False, True):
-            r = bench_train(args, device, batch, fast, flops, peak)
+            dtype = fast_dtype if fast else None
+            r = {"batch": batch, "path": "fast" if fast else "fp32-eager", "precision": PRECISION[dtype],
+                 **guarded(partial(bench_train, args, device, batch, fast, dtype, flops, peak), device)}
             report["train"].append(r)
-            mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "-"
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            print(f"train  | batch {batch:3d} {r['path']:10s} | {r['ms_per_step']:8.1f} ms/step | "
-                  f"{r['img_s']:8.1f} img/s | mem {mem} | MFU {mfu}")
+            mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "-"
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            cols = r["error"] if "error" in r else (f"{r['ms_per_step']:8.1f} ms/step | {r['img_s']:8.1f} img/s | "
+                                                    f"mem {mem} | MFU {mfu}")
+            print(f"train  | batch {batch:3d} {r['path']:10s} {r['precision']:13s} | {cols}")
         eager, fast = report["train"][-2:]
-        print(f"train  | batch {batch:3d} fast / fp32-eager: x{fast['img_s'] / eager['img_s']:.2f}")
+        print(f"train  | batch {batch:3d} fast / fp32-eager: {ratio(fast, eager)}")
 
-    report["sample_img_s"] = bench_sample(args, device, args.sample_batch, args.ddpm_steps)
-    peer = report["sample_img_s"][f"DDPMPipeline {args.ddpm_steps} fp32"]
-    for k, v in report["sample_img_s"].items():
-        print(f"sample | batch {args.sample_batch} {k:24s} | {v:8.3f} img/s | x{v / peer:.1f} DDPMPipeline")
+    report["sample"] = bench_sample(args, device, args.sample_batch, args.ddpm_steps, fast_dtype)
+    for r in report["sample"]:
+        v = f"{r['img_s']:8.3f} img/s" if "img_s" in r else r["error"]
+        print(f"sample | batch {args.sample_batch} {r['sampler']:22s} {r['precision']:13s} | {v} | "
+              f"{ratio(r, report['sample'][-1])} DDPMPipeline")
 
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

@@ -42,6 +42,15 @@ def die(msg):
     raise SystemExit(f"train.py: error: {msg}")
 
 
+def auto_amp(device):
+    """--amp auto: bf16 where the GPU has bf16 tensor cores (compute capability >= 8.0: Ampere on), else fp16 with a
+    GradScaler; fp32 on the CPU. Not torch.cuda.is_bf16_supported(): it is also true where bf16 is only emulated
+    (V100, T4), much slower than fp16 there, and its including_emulation=False is not in every torch we support."""
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="train the class-conditional chest X-ray DDPM")
     # ---- data ----
@@ -65,8 +74,9 @@ def get_parser():
     p.add_argument("--loss", default="mse", help="eps-MSE weighting over t: mse (plain, Ho et al.) | min-snr (Hang et al. 2023)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr: weight min(SNR(t), gamma) / SNR(t)")
     # ---- system ----
-    p.add_argument("--amp", default="auto", help="auto|bf16|fp16|off (auto: bf16 if the GPU has it, else fp16; fp32 on CPU)")
+    p.add_argument("--amp", default="auto", help="auto|bf16|fp16|off (auto: bf16 on GPUs with bf16 cores, else fp16; CPU: fp32, or bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--fast-path", action="store_true", help="channels_last + fused AdamW on CPU as on CUDA (tests the GPU path)")
     p.add_argument("--device", default=None, help="cuda|cpu (default cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the noise")
     p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out-dir")
@@ -287,9 +297,9 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
-    amp = args.amp if args.amp != "auto" else ("off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if amp not in ("bf16", "fp16", "off") or (amp != "off" and not cuda):
-        die(f"--amp {args.amp}: choose auto, bf16, fp16 or off (bf16/fp16 need CUDA; the CPU trains in fp32)")
+    amp = args.amp if args.amp != "auto" else auto_amp(device)
+    if amp not in ("bf16", "fp16", "off") or (amp == "fp16" and not cuda):  # CPU autocast has bf16, no GradScaler
+        die(f"--amp {args.amp}: choose auto, bf16, fp16 or off (fp16 needs CUDA; the CPU trains in fp32 or bf16)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = partial(torch.autocast, device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")  # fp16 only: bf16 has fp32's range
@@ -303,10 +313,14 @@ def main(argv=None):
         die(f"--image-size {size} / --preset {args.preset}: {e}")
     if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
         die(f"--resume: {args.out_dir}/ckpt.pt holds another UNet (not --preset {args.preset}); use another --out-dir")
-    memory_format = torch.channels_last if cuda else torch.contiguous_format  # faster convs on tensor cores
+    gpu_path = cuda or args.fast_path  # --fast-path: the same layout and optimizer on the CPU, so tests run them
+    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # faster convs on tensor cores
     unet = unet.to(device, memory_format=memory_format).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda or None)
+    try:  # fused: one kernel for all ~300 tensors
+        opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=gpu_path or None)
+    except RuntimeError as e:
+        die(f"fused AdamW on {device}: {e} (--fast-path on a CPU needs torch >= 2.4)")
     start, seen, train_s = 0, 0, 0.0  # optimizer steps done, images drawn by all ranks, seconds spent training
     if ckpt is not None:
         unet.load_state_dict(ckpt["model"])

@@ -274,3 +274,94 @@ def test_sigterm_mid_run_saves_a_loadable_checkpoint_and_exits_0(tmp_path):
     ckpt = model.load_checkpoint(str(out))
     assert 1 <= ckpt["step"] < 100000
     assert os.path.isfile(out / "unet" / "config.json")
+
+# -----------------------------------------------------------------------------
+# the GPU code paths, driven on the CPU: the --amp auto decision, bf16 autocast, channels_last + fused AdamW, compile
+
+
+@pytest.mark.parametrize("capability, amp", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_amp_auto_takes_bf16_only_on_gpus_with_bf16_cores(monkeypatch, capability, amp):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true on a V100 / T4 too (emulated)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert train.auto_amp(torch.device("cuda")) == amp
+    assert train.auto_amp(torch.device("cuda", 0)) == amp
+    assert train.auto_amp(torch.device("cpu")) == "off"  # the CPU trains in fp32 unless --amp bf16
+
+
+def test_fp16_on_the_cpu_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"^train.py: error: --amp fp16: .*fp16 needs CUDA") as e:
+        run(make_data(tmp_path / "d"), tmp_path / "run", "--amp", "fp16")
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
+
+
+def train_stop_resume(tmp_path, monkeypatch, *flags):
+    """4 steps straight vs 2 steps, SIGTERM, --resume (flags from the checkpoint). Returns both final checkpoints
+    and the UNet of the resumed run, after checking that the loss stayed finite and the weights moved."""
+    data = make_data(tmp_path / "d")
+    flags = ["--max-steps", "4", "--batch-size", "4", "--warmup-steps", "1", "--lr", "1e-3", "--log-every", "1",
+             "--eval-every", "2", "--sample-every", "4", "--sample-per-class", "1", *flags]
+    run(data, tmp_path / "straight", *flags)
+    real_ema_update, calls = train.ema_update, []
+
+    def ema_update_then_sigterm(ema, net, decay):
+        real_ema_update(ema, net, decay)
+        calls.append(decay)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "ema_update", ema_update_then_sigterm)
+    run(data, tmp_path / "stopped", *flags)
+    assert model.load_checkpoint(str(tmp_path / "stopped"))["step"] == 2
+    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    unet, _ = train.main(["--resume", "--out-dir", str(tmp_path / "stopped")])
+    a, b = model.load_checkpoint(str(tmp_path / "straight")), model.load_checkpoint(str(tmp_path / "stopped"))
+    assert a["step"] == b["step"] == 4
+    for out in ("straight", "stopped"):
+        m = pd.read_csv(tmp_path / out / "metrics.csv")
+        assert m.step.tolist() == [1, 2, 3, 4] and np.isfinite(m.loss).all()
+        assert m.val_loss.notna().tolist() == [False, True, False, True] and np.isfinite(m.val_loss.dropna()).all()
+    torch.manual_seed(0)
+    init = model.build_unet(32, "tiny").state_dict()
+    assert all(not torch.equal(a["model"][k], init[k]) for k in ("conv_in.weight", "conv_out.weight"))
+    assert not any("_orig_mod" in k for k in a["model"])
+    return a, b, unet
+
+
+def test_bf16_autocast_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
+    dtypes, real_build_unet = [], train.build_unet
+
+    def build_unet_spy(*a):  # records the dtype the first conv computes in, at every forward
+        unet = real_build_unet(*a)
+        unet.conv_in.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+        return unet
+    monkeypatch.setattr(train, "build_unet", build_unet_spy)
+    run(make_data(tmp_path / "d0"), tmp_path / "auto", "--max-steps", "1", "--batch-size", "4")
+    assert set(dtypes) == {torch.float32}  # --amp auto on the CPU: fp32
+    dtypes.clear()
+    a, b, _ = train_stop_resume(tmp_path, monkeypatch, "--amp", "bf16")
+    assert set(dtypes) == {torch.bfloat16}  # training, val loss, sample grid: all under autocast, resumed run too
+    assert b["args"]["amp"] == "bf16"
+    assert sd_equal(a["model"], b["model"]) and sd_equal(a["ema"], b["ema"])  # resume is exact in bf16 as well
+    assert all(v.dtype == torch.float32 for v in a["model"].values())  # autocast: the weights stay fp32
+
+
+def test_fast_path_channels_last_and_fused_adamw_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
+    a, b, unet = train_stop_resume(tmp_path, monkeypatch, "--fast-path")
+    assert all(g["fused"] for ckpt in (a, b) for g in ckpt["optimizer"]["param_groups"])
+    convs = [p for p in unet.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # really NHWC, not a layout both formats share
+    assert sd_equal(a["model"], b["model"]) and sd_equal(a["ema"], b["ema"])
+    assert all(sd_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k]) for k in a["optimizer"]["state"])
+    # the default on the CPU is unchanged: contiguous weights, the foreach AdamW
+    unet, _ = run(make_data(tmp_path / "d1"), tmp_path / "plain", "--max-steps", "1", "--batch-size", "4")
+    assert all(p.is_contiguous() for p in unet.parameters())
+    assert not model.load_checkpoint(str(tmp_path / "plain"))["optimizer"]["param_groups"][0]["fused"]
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="torch.compile of the tiny UNet takes ~150 s on this "
+                    "2-core CPU with a cold inductor cache (~6 s warm): set TEST_COMPILE=1 to run it")
+def test_compile_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
+    a, b, _ = train_stop_resume(tmp_path, monkeypatch, "--compile", "--fast-path")
+    assert b["args"]["compile"]
+    assert sd_equal(a["model"], b["model"]) and sd_equal(a["ema"], b["ema"])
