@@ -150,7 +150,7 @@ def fit(x, y, xv, yv, args, tag, out, seed):
     net = make_cnn(args.width)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
     for a in (x, y, xv, yv):
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # no copy: x is ~1 GB at NIH scale
     path = out / "classifiers" / f"{tag}-{h.hexdigest()[:16]}.pt"
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])

@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (CLASSES, NULL_CLASS, NUM_TIMESTEPS, PRESETS, add_noise, build_unet, export_pretrained,
-                   load_checkpoint, make_schedule, sample, save_checkpoint, unet_config)
+                   load_checkpoint, make_schedule, sample, save_checkpoint, set_threads, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -57,7 +57,8 @@ def get_parser():
     p.add_argument("--data-dir", default="data/nih", help="prepare_data.py --out folder (train.csv, val.csv, cache.npy)")
     p.add_argument("--out-dir", default=None, help="run folder (default runs/<data dir name>-<preset>-<size>)")
     p.add_argument("--balance", default="none", help="class weights for drawing training images: none|sqrt|inverse")
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader processes (default: 0 on a CPU with "
+                   "cache.npy, where reading a batch costs nothing and a worker only takes a core from training; else 4)")
     # ---- model ----
     p.add_argument("--preset", default="base", help=f"UNet size: {'|'.join(PRESETS)}")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the cache's, else 256)")
@@ -291,6 +292,8 @@ def main(argv=None):
     # ---- processes, device, precision ----
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = set_threads(device)  # the free cores, or OMP_NUM_THREADS
+    workers = args.num_workers if args.num_workers is not None else 0 if cache and device.type == "cpu" else 4
     cuda, master = device.type == "cuda", rank == 0  # rank 0 alone logs and writes
     if world > 1:
         if cuda:
@@ -345,7 +348,7 @@ def main(argv=None):
         range(len(train_df)), batch_sampler=rank_batches(stream, args.batch_size, rank, world),
         collate_fn=partial(load_batch, cache=cache, cache_row=train_df.cache_row.to_numpy(),  # runs in the workers
                            path=train_df.path.to_numpy(), class_id=train_df.class_id.to_numpy(), size=size),
-        num_workers=args.num_workers, pin_memory=cuda, worker_init_fn=ignore_signals))
+        num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_signals))
     if master and args.eval_every:
         g = torch.Generator().manual_seed(VAL_SEED)
         rows = torch.randperm(len(val_df), generator=g)[:VAL_IMAGES].tolist()
@@ -358,7 +361,7 @@ def main(argv=None):
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f"train.py: {len(train_df)} train / {len(val_df)} val images, {size}px, preset {args.preset}, "
-              f"{world} process(es) on {device}, amp {amp}, steps {start}->{args.max_steps}, out {args.out_dir}")
+              f"{world} process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, steps {start}->{args.max_steps}, out {args.out_dir}")
 
     def checkpoint(step):
         save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {

@@ -127,11 +127,41 @@ def test_each_image_depends_only_on_its_own_generator(sampler):
     assert (both[0] - both[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "unipc"])
+@pytest.mark.parametrize("sampler", list(model.SAMPLERS))
 def test_every_sampler_starts_from_pure_noise_at_any_step_count(sampler):
     for steps in (1, 2, 25):
-        timesteps = model.make_sampler(sampler, steps).timesteps
+        timesteps = model.make_sampler(sampler, steps)[1]
         assert int(timesteps[0]) == model.NUM_TIMESTEPS - 1 and len(timesteps) == steps
+        assert (timesteps[1:] < timesteps[:-1]).all()  # strictly from noise to clean
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact eps of data whose pixels are N(M, S^2): E[eps | xt] = sqrt(1 - a) (xt - sqrt(a) M) / (a S^2 + 1 - a),
+    a = alpha_bar_t. A perfect denoiser: a sampler fed it must draw pixels with mean M and spread S."""
+    M, S = 0.1, 0.3
+    config = UNet2DModel(sample_size=16, block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                         up_block_types=("UpBlock2D",), norm_num_groups=8, layers_per_block=1).config
+    alpha_bar = model.make_schedule().alphas_cumprod
+
+    def forward(self, x, t, class_labels):
+        a = self.alpha_bar[int(t)]
+        return UNet2DOutput(sample=(1 - a).sqrt() * (x - a.sqrt() * self.M) / (a * self.S ** 2 + 1 - a))
+
+
+@pytest.mark.parametrize("sampler, steps, lo", [("ddim-2m", 25, 0.97), ("ddim-2m", 10, 0.9), ("ddim", 25, 0.8),
+                                                ("dpm++", 25, 0.85), ("unipc", 25, 0.85), ("ddpm", 1000, 0.97)])
+def test_samplers_draw_the_mean_and_spread_of_a_known_gaussian(sampler, steps, lo):
+    x = model.sample(GaussianEps(), torch.zeros(64, dtype=torch.long), sampler, steps)  # (64, 1, 16, 16)
+    assert x.mean().item() == pytest.approx(GaussianEps.M, abs=0.01)
+    assert lo * GaussianEps.S < x.std().item() < 1.03 * GaussianEps.S  # blurred at worst, never noisier than the data
+    assert (x.abs() > 0.99).float().mean() < 0.005  # no saturation: the data itself has 0.16% of pixels past 0.99
+
+
+def test_the_default_sampler_keeps_the_spread_that_ddim_loses_at_the_same_calls():
+    # first-order DDIM ends each few-step run on a posterior mean: its images come out grey and flat
+    spread = lambda s, n: model.sample(GaussianEps(), torch.zeros(64, dtype=torch.long), s, n).std().item()
+    for steps in (10, 25):
+        assert abs(spread("ddim-2m", steps) - GaussianEps.S) < 0.5 * abs(spread("ddim", steps) - GaussianEps.S)
 
 
 def test_bad_sampler_or_steps_are_clear_errors():
