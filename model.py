@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 import zipfile
 
@@ -226,12 +227,78 @@ def unet_from_checkpoint(ckpt, ema=True):
     return model.eval()
 
 
+# -----------------------------------------------------------------------------
+# Export: unet/ (the EMA weights), scheduler/ (the default sampler on the training schedule) and README.md (the model
+# card) in the run folder: a model that diffusers alone loads and samples. The card states the defaults below.
+
+DEFAULT_SAMPLER = "dpm++"  # sample.py's defaults
+DEFAULT_GUIDANCE = 2.0  # classifier-free guidance: best label fidelity and per-class realism of w in {1, 2, 4} (README)
+EXPORT = ("unet", "scheduler", "README.md")
+
+CARD = """---
+library_name: diffusers
+tags: [medical-imaging, chest-x-ray, synthetic-data, ddpm]
+---
+# Synthetic chest X-rays: a class-conditional DDPM ({size}x{size}, grayscale)
+
+**Synthetic images, not patient images. Not for diagnosis** or any clinical decision. Mark every image you save
+or share as synthetic (the code below writes `synthetic=1` into the PNG).
+
+- `unet/`: diffusers `UNet2DModel`, 1 channel in and out, {size}x{size} px, predicts the noise eps.
+- `scheduler/`: `{cls}` ("{sampler}") on the training schedule: {T} steps, {schedule} betas {beta_start} to
+  {beta_end}, timestep spacing "{spacing}". Any diffusers scheduler can be built from its config with `from_config`.
+- Pixels: the model works in [-1, 1]; 8-bit gray = round((x + 1) * 127.5).
+- Default sampling: {steps} steps, classifier-free guidance w = {w}: eps = eps_null + w (eps_cond - eps_null).
+- `unet/`, `scheduler/` and this card are the model; nothing else in this folder is needed to sample.
+
+| class_labels | class |
+|---|---|
+{rows}
+| {null} | null label: the unconditional model, for classifier-free guidance |
+
+```python
+import torch
+from diffusers import UNet2DModel, {cls}
+from PIL import Image, PngImagePlugin
+
+folder, y, w, seed = ".", {y}, {w}, 0  # this folder; class {y} = {y_name}; guidance scale; noise seed
+unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+scheduler = {cls}.from_pretrained(folder, subfolder="scheduler")
+scheduler.set_timesteps({steps})
+size, g, labels = unet.config.sample_size, torch.Generator().manual_seed(seed), torch.tensor([y, {null}])
+x = torch.randn(1, 1, size, size, generator=g) * scheduler.init_noise_sigma  # (1, 1, H, W): pure noise
+with torch.no_grad():
+    for t in scheduler.timesteps:  # the class and the null label in one batch of 2
+        x_in = scheduler.scale_model_input(x, t).repeat(2, 1, 1, 1)
+        eps_cond, eps_null = unet(x_in, t, class_labels=labels).sample.chunk(2)
+        x = scheduler.step(eps_null + w * (eps_cond - eps_null), t, x{gen}).prev_sample
+gray = ((x.clamp(-1, 1)[0, 0] + 1) * 127.5).round().byte().numpy()  # (H, W) uint8
+info = PngImagePlugin.PngInfo()
+info.add_text("synthetic", "1")
+Image.fromarray(gray).save(f"synthetic_class{{y}}_seed{{seed}}.png", pnginfo=info)
+```
+"""
+
+
 def export_pretrained(model, out_dir):
-    """model.safetensors + config.json, so anyone can UNet2DModel.from_pretrained(out_dir)."""
-    tmp = f"{out_dir.rstrip('/')}.tmp"
-    model.save_pretrained(tmp, safe_serialization=True)
-    if os.path.isdir(out_dir):
-        for name in os.listdir(out_dir):
-            os.remove(os.path.join(out_dir, name))
-        os.rmdir(out_dir)
-    os.replace(tmp, out_dir)
+    """Write out_dir/unet, out_dir/scheduler, out_dir/README.md (replacing them); other files in out_dir are kept."""
+    tmp = os.path.join(out_dir, "export.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash mid-export
+    model.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+    scheduler = SAMPLERS[DEFAULT_SAMPLER](make_schedule().config)
+    # write every value: diffusers re-reads the ones it marks as defaults from whatever version loads the file
+    scheduler = type(scheduler).from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
+    scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+    c, y, rows = scheduler.config, min(3, len(CLASSES) - 1), "\n".join(f"| {i} | {n} |" for i, n in enumerate(CLASSES))
+    card = CARD.format(size=model.config.sample_size, cls=type(scheduler).__name__, sampler=DEFAULT_SAMPLER,
+                       T=c.num_train_timesteps, schedule=c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
+                       spacing=c.timestep_spacing, steps=DEFAULT_STEPS[DEFAULT_SAMPLER], w=DEFAULT_GUIDANCE,
+                       null=NULL_CLASS, y=y, y_name=CLASSES[y], rows=rows,
+                       gen=", generator=g" if DEFAULT_SAMPLER == "ddpm" else "")  # only ddpm adds noise each step
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(card)
+    for name in EXPORT:  # each renamed into place whole, so a reader never sees half a unet/
+        if os.path.isdir(os.path.join(out_dir, name)):
+            shutil.rmtree(os.path.join(out_dir, name))
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)

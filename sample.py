@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import model
 
-GUIDANCE = 2.0  # classifier-free guidance: best label fidelity and per-class realism of w in {1, 2, 4} (README)
+GUIDANCE = model.DEFAULT_GUIDANCE  # classifier-free guidance scale; the exported model card states it too
 MAX_N = 100_000  # images per class and run: keeps every image's noise seed unique (see generators)
 GRID_MAX = 64  # a class's grid previews its first 64 images (8x8)
 SYNTHETIC = {"synthetic": "1", "Software": "sample.py (Medical Image Diffusion)",
@@ -80,7 +80,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=16, help="images per class")
     p.add_argument("--seed", type=int, default=0, help="image i of class c always starts from the same noise")
     # ---- sampler ----
-    p.add_argument("--sampler", default="dpm++", help=f"one of {', '.join(model.SAMPLERS)}")
+    p.add_argument("--sampler", default=model.DEFAULT_SAMPLER, help=f"one of {', '.join(model.SAMPLERS)}")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {model.DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale; 1 = no guidance")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -123,7 +123,10 @@ def main(argv=None):
     if list(ckpt["classes"]) != model.CLASSES:
         die(f"--ckpt {args.ckpt}: trained on classes {ckpt['classes']}, this code expects {model.CLASSES}")
     with open(os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt, "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):  # 1 MiB at a time (hashlib.file_digest needs Python 3.11)
+            h.update(chunk)
+    sha = h.hexdigest()
 
     # output folder: must be writable, and must not already hold samples unless --overwrite
     out = os.path.abspath(args.out)

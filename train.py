@@ -466,8 +466,7 @@ def main(argv=None):
 
     # ---- the end (ckpt.pt was saved in the last step): the EMA weights for UNet2DModel.from_pretrained ----
     if master:
-        export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format),
-                          os.path.join(args.out_dir, "unet"))
+        export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir)
         print(f"train.py: step {done}: wrote {args.out_dir}/ckpt.pt and {args.out_dir}/unet")
     if world > 1:  # wait until every rank is here, so no gloo worker still holds a tensor from the last all-reduce:
         dist.barrier()  # tearing the group down under one deadlocks on the GIL (seen here as a hang at exit)
