@@ -29,8 +29,9 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from model import (CLASSES, NULL_CLASS, NUM_TIMESTEPS, PRESETS, add_noise, build_unet, export_pretrained,
-                   load_checkpoint, make_schedule, sample, save_checkpoint, set_threads, unet_config)
+from model import (CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
+                   add_noise, build_unet, export_pretrained, load_checkpoint, make_schedule, sample, save_checkpoint,
+                   set_threads, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -87,7 +88,7 @@ def get_parser():
     p.add_argument("--save-every", type=int, default=1000, help="steps between ckpt.pt saves (also saved at the end)")
     p.add_argument("--snapshot-every", type=int, default=0, help="steps between EMA snapshots kept in snapshots/ (curve.py)")
     p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids")
-    p.add_argument("--sample-guidance", type=float, default=2.0, help="classifier-free guidance scale of the grids")
+    p.add_argument("--sample-guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale of the grids")
     p.add_argument("--sample-per-class", type=int, default=4, help="images per class (row) in a grid")
     return p
 
@@ -193,10 +194,10 @@ def val_loss(unet, xt, t, y, eps, batch_size, autocast):
 
 
 def save_grid(ema, path, per_class, guidance, step, device, autocast):
-    """One row per class, EMA weights, dpm++ 25 steps, the same seeds every time so grids compare across steps."""
+    """One row per class, EMA weights, sample.py's default sampler, the same seeds every time so grids compare."""
     labels = torch.arange(len(CLASSES), device=device).repeat_interleave(per_class)  # (6 * per_class,)
     with autocast():
-        x = sample(ema, labels, "dpm++", 25, guidance, [torch.Generator().manual_seed(i) for i in range(len(labels))])
+        x = sample(ema, labels, DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], guidance, [torch.Generator().manual_seed(i) for i in range(len(labels))])
     x = ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()[:, 0]  # (6k, H, W)
     size = x.shape[-1]
     rows = x.reshape(len(CLASSES), per_class, size, size).transpose(0, 2, 1, 3).reshape(len(CLASSES) * size, -1)
@@ -207,7 +208,7 @@ def save_grid(ema, path, per_class, guidance, step, device, autocast):
         draw.text((2, c * size + size // 2 - 6), name, fill=255)
     info = PngInfo()  # synthetic images must be recognisable as synthetic
     info.add_text("synthetic", "1")
-    info.add_text("source", f"train.py EMA step {step}, dpm++ 25 steps, guidance {guidance}")
+    info.add_text("source", f"train.py EMA step {step}, {DEFAULT_SAMPLER}, guidance {guidance}")
     im.save(f"{path}.tmp", format="PNG", pnginfo=info)
     os.replace(f"{path}.tmp", path)
 

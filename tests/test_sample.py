@@ -49,8 +49,8 @@ def test_pngs_metadata_and_manifest(ckpt, tmp_path):
         assert im.text["synthetic"] == "1" and "SYNTHETIC" in im.text["Description"]
         assert "not a patient image" in im.text["Description"]
         assert im.text["class"] == ("Effusion" if name.startswith("effusion") else "No Finding")
-        assert (im.text["seed"], im.text["index"], im.text["sampler"]) == ("7", str(int(name[-9:-4])), "dpm++")
-        assert (im.text["steps"], float(im.text["guidance"]), im.text["checkpoint_sha256"]) == ("3", 2.0, sha)
+        assert (im.text["seed"], im.text["index"], im.text["sampler"]) == ("7", str(int(name[-9:-4])), model.DEFAULT_SAMPLER)
+        assert (im.text["steps"], float(im.text["guidance"]), im.text["checkpoint_sha256"]) == ("3", model.DEFAULT_GUIDANCE, sha)
         pixels.add(im.tobytes())
     assert len(pixels) == 6  # six different images, not one repeated
     for grid in ("grid_effusion.png", "grid_no_finding.png"):
@@ -64,8 +64,8 @@ def test_pngs_metadata_and_manifest(ckpt, tmp_path):
                for p, n in zip(m["path"], m["image_index"]))
     assert m["patient_id"].isna().all() and (m["synthetic"] == 1).all()
     assert (m["label"].map(model.CLASSES.index) == m["class_id"]).all()
-    assert set(m["sampler"]) == {"dpm++"} and set(m["steps"]) == {3} and set(m["seed"]) == {7}
-    assert set(m["guidance"]) == {2.0} and set(m["checkpoint_sha256"]) == {sha}
+    assert set(m["sampler"]) == {model.DEFAULT_SAMPLER} and set(m["steps"]) == {3} and set(m["seed"]) == {7}
+    assert set(m["guidance"]) == {model.DEFAULT_GUIDANCE} and set(m["checkpoint_sha256"]) == {sha}
     train = pd.DataFrame(dict(image_index=["00000001_000.png"], patient_id=[1], label=["Effusion"], class_id=[3],
                               path=["/data/images/00000001_000.png"], cache_row=[0]))
     aug = pd.concat([train, m], ignore_index=True)
@@ -77,7 +77,7 @@ def gray(path):
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-@pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])  # ddpm also draws fresh noise at every step
+@pytest.mark.parametrize("sampler", ["ddim-2m", "ddpm"])  # ddpm also draws fresh noise at every step
 def test_images_reproducible_and_independent_of_batch(ckpt, tmp_path, sampler):
     alone = run(ckpt, tmp_path / "a", "--class", "Effusion", "--n", "4", "--batch-size", "1", "--sampler", sampler)
     again = run(ckpt, tmp_path / "b", "--class", "Effusion", "--n", "4", "--batch-size", "1", "--sampler", sampler)
@@ -106,7 +106,7 @@ def test_every_sampler_runs(ckpt, tmp_path, sampler):
     assert im.size == (32, 32) and im.getextrema()[0] < im.getextrema()[1]  # not a blank image
 
 
-@pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim-2m", "ddpm"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_unet_calls_per_image(ckpt, tmp_path, monkeypatch, sampler, guidance):
     batches = []
