@@ -34,7 +34,8 @@ PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="benchmark data loading, training and sampling")
+    p = argparse.ArgumentParser(description="benchmark data loading, training and sampling",
+                                formatter_class=model.HelpFormatter)
     # ---- what to run ----
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda|cpu")
     p.add_argument("--preset", default="base", help="UNet preset to time")
@@ -193,6 +194,7 @@ def main(argv=None):
         args.preset, args.image_size, args.batch_sizes, args.sample_batch = "tiny", 32, "8", 4
         args.steps, args.png_images = min(args.steps, 5), min(args.png_images, 16)
     device = torch.device(args.device)
+    model.set_threads(device)  # the free cores: oversubscribed CPU threads run many times slower
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: error: --device cuda: no CUDA device here (use --device cpu)")
     try:

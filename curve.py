@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 import evaluate
 import sample
+from model import HelpFormatter
 
 FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # issue targets: fidelity >= 0.9 x real, FD <= 3 x the real floor
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
@@ -95,7 +96,7 @@ def plot(csvs, labels, out, W=560, H=300, pad=60):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="quality against training time, from a run's EMA snapshots",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     # ---- score a run ----
     p.add_argument("--run", help="run folder with snapshots/ (train.py --snapshot-every)")
     p.add_argument("--data-dir", help="prepare_data.py output the run was trained on")

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from model import CLASSES
+from model import CLASSES, HelpFormatter, set_threads
 
 K = len(CLASSES)
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
@@ -345,7 +345,7 @@ def table(header, rows):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Label fidelity, realism, diversity, memorization and utility of synthetic "
-                                            "CXRs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "CXRs.", formatter_class=HelpFormatter)
     # ---- data ----
     p.add_argument("--data-dir", required=True, help="prepare_data.py output (train/val/test.csv, cache.npy)")
     p.add_argument("--samples", required=True, help="sample.py output folder with manifest.csv (or the csv)")
@@ -452,6 +452,7 @@ def main(argv=None):
     for flag in ("size", "repeats", "utility_seeds", "n_boot", "batch_size", "epochs", "max_n"):
         if getattr(args, flag) < (2 if flag == "max_n" else 1):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: too small")
+    set_threads(torch.device(args.device))  # the free cores: oversubscribed CPU threads run many times slower
     out, B, dev, t_start, rng = Path(args.out), args.batch_size, args.device, time.time(), np.random.default_rng(args.seed)
     out.mkdir(parents=True, exist_ok=True)
 

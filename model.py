@@ -9,6 +9,7 @@ model.py - the one shared module: class-conditional UNet, noise schedule, sample
 
 Everything else (train.py, sample.py, evaluate.py, bench.py) imports from here and nowhere else.
 """
+import argparse
 import json
 import math
 import os
@@ -159,6 +160,15 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
             x_s = x_s + math.sqrt(a_s) * (1 - math.exp(-h)) * h / (2 * h_prev) * (x0 - x0_prev)
         xt, x0_prev, t_prev = x_s, x0, t
     return xt.clamp(-1, 1)
+
+# -----------------------------------------------------------------------------
+# Command lines: every script's --help shows the defaults, except where there is none to show.
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
 
 # -----------------------------------------------------------------------------
 # CPU threads. PyTorch starts one OpenMP thread per core; when another program holds a core, those threads wait on

@@ -279,7 +279,8 @@ def make_demo(raw, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare NIH ChestX-ray14 (or a phantom demo) for training.")
+    p = argparse.ArgumentParser(description="Prepare NIH ChestX-ray14 (or a phantom demo) for training.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- input ----
     p.add_argument("--csv", help="Data_Entry_2017.csv or Data_Entry_2017_v2020.csv[.gz]")
     p.add_argument("--images", help="root holding the unpacked images (searched recursively)")

@@ -72,22 +72,24 @@ def grid(images, pad=2):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description="Generate synthetic chest X-rays per pathology.")
+    p = argparse.ArgumentParser(prog="sample.py", description="Generate synthetic chest X-rays per pathology.",
+                                formatter_class=model.HelpFormatter)
     # ---- what to generate ----
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder holding ckpt.pt")
     p.add_argument("--class", dest="classes", action="append", required=True, metavar="CLASS",
-                   help=f"repeatable: a name (any case, spaces or underscores), a class_id, or all; {model.CLASSES}")
+                   help=f"repeatable: {', '.join(model.CLASSES)} (any case, _ for spaces), a class_id 0-{len(model.CLASSES) - 1}, or all")
     p.add_argument("--n", type=int, default=16, help="images per class")
     p.add_argument("--seed", type=int, default=0, help="image i of class c always starts from the same noise")
     # ---- sampler ----
     p.add_argument("--sampler", default=model.DEFAULT_SAMPLER, help=f"one of {', '.join(model.SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {model.DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps = UNet calls per image (default: "
+                   + ", ".join(f"{n} for {s}" for s, n in model.DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale; 1 = no guidance")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     # ---- hardware ----
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (speed, memory)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on CUDA)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="cuda if available, else cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on with CUDA)")
     # ---- output ----
     p.add_argument("--out", default="samples/", help="folder for the PNGs, grids and manifest.csv")
     p.add_argument("--overwrite", action="store_true", help="allow an --out that already holds samples")
@@ -108,6 +110,7 @@ def main(argv=None):
     if not 1 <= args.guidance < math.inf:
         die(f"--guidance {args.guidance}: must be a number >= 1 (1 = no guidance)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.set_threads(device)  # the free cores: oversubscribed CPU threads run many times slower
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda: CUDA is not available here")
     amp = device.type == "cuda" if args.amp is None else args.amp

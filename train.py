@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
-                   add_noise, build_unet, export_pretrained, load_checkpoint, make_schedule, sample, save_checkpoint,
+                   HelpFormatter, add_noise, build_unet, export_pretrained, load_checkpoint, make_schedule, sample, save_checkpoint,
                    set_threads, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
@@ -53,7 +53,7 @@ def auto_amp(device):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="train the class-conditional chest X-ray DDPM")
+    p = argparse.ArgumentParser(description="train the class-conditional chest X-ray DDPM", formatter_class=HelpFormatter)
     # ---- data ----
     p.add_argument("--data-dir", default="data/nih", help="prepare_data.py --out folder (train.csv, val.csv, cache.npy)")
     p.add_argument("--out-dir", default=None, help="run folder (default runs/<data dir name>-<preset>-<size>)")
