@@ -81,7 +81,8 @@ def get_parser():
     p.add_argument("--fast-path", action="store_true", help="channels_last + fused AdamW on CPU as on CUDA (tests the GPU path)")
     p.add_argument("--device", default=None, help="cuda|cpu (default cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the noise")
-    p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out-dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if it has no ckpt.pt; "
+                   "a finished run just exports again), so the same command can be run again")
     # ---- logging (an --*-every of 0 turns it off) ----
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines / metrics.csv rows")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between val losses")
@@ -258,8 +259,8 @@ def window_loss(loss_sum, n, world):
 def main(argv=None):
     parser = get_parser()
     args, ckpt = parser.parse_args(argv), None
-    if args.resume:  # the flags not given again come from the checkpoint
-        args.out_dir = args.out_dir or default_out_dir(args)
+    args.out_dir = args.out_dir or default_out_dir(args)
+    if args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):  # flags not given again: the checkpoint's
         try:
             ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
         except ValueError as e:
@@ -283,7 +284,6 @@ def main(argv=None):
     args.image_size = size = args.image_size or cached or 256
     if cached and size != cached:
         die(f"--image-size {size} does not match {cache} ({cached}x{cached}); leave it out or rerun prepare_data.py --size {size}")
-    args.out_dir = args.out_dir or default_out_dir(args)
     if ckpt is None and os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
         die(f"{args.out_dir} already holds a run (ckpt.pt): pass --resume to continue it or choose another --out-dir")
     if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != CLASSES):

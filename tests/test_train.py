@@ -365,3 +365,14 @@ def test_compile_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
     a, b, _ = train_stop_resume(tmp_path, monkeypatch, "--compile", "--fast-path")
     assert b["args"]["compile"]
     assert sd_equal(a["model"], b["model"]) and sd_equal(a["ema"], b["ema"])
+
+
+def test_resume_starts_a_new_run_and_rerunning_a_finished_one_changes_nothing(tmp_path):
+    data = make_data(tmp_path / "d")
+    cmd = ["--resume", "--max-steps", "3", "--seed", "1"]  # the quickstart's way: one command, safe to run again
+    run(data, tmp_path / "r", *cmd)
+    first = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert first["step"] == 3
+    unet, _ = run(data, tmp_path / "r", *cmd)
+    again = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert again["step"] == 3 and sd_equal(again["model"], first["model"]) and sd_equal(unet.state_dict(), first["model"])
