@@ -38,11 +38,17 @@ PRESETS = {
     "tiny":  ((16, 32, 32), 1, 8),                    # CPU tests, <1M, a training step in milliseconds
 }
 MIN_BOTTOM = 4  # the lowest resolution level must keep at least 4x4 pixels
+AUTO = {32: "tiny", 64: "tiny", 128: "small"}  # --preset auto: image size -> preset (larger: base); measured (README)
 
 
-def build_unet(image_size=256, preset="base"):
+def pick_preset(preset, image_size):
+    return AUTO.get(image_size, "base") if preset == "auto" else preset
+
+
+def build_unet(image_size=256, preset="auto"):
+    preset = pick_preset(preset, image_size)
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; choose from auto, {', '.join(PRESETS)}")
     channels, layers, groups = PRESETS[preset]
     bottom = image_size // 2 ** (len(channels) - 1)
     if image_size < 32 or image_size & (image_size - 1) or bottom < MIN_BOTTOM:

@@ -29,9 +29,9 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from model import (CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
-                   HelpFormatter, add_noise, build_unet, export_pretrained, load_checkpoint, make_schedule, sample, save_checkpoint,
-                   set_threads, unet_config)
+from model import (AUTO, CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
+                   HelpFormatter, add_noise, build_unet, export_pretrained, load_checkpoint, make_schedule, pick_preset,
+                   sample, save_checkpoint, set_threads, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -61,7 +61,8 @@ def get_parser():
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader processes (default: 0 on a CPU with "
                    "cache.npy, where reading a batch costs nothing and a worker only takes a core from training; else 4)")
     # ---- model ----
-    p.add_argument("--preset", default="base", help=f"UNet size: {'|'.join(PRESETS)}")
+    auto = ", ".join(f"{size} px {name}" for size, name in AUTO.items())
+    p.add_argument("--preset", default="auto", help=f"UNet size: auto ({auto}, larger base) or {', '.join(PRESETS)}")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the cache's, else 256)")
     # ---- optimisation ----
     p.add_argument("--batch-size", type=int, default=8, help="images per step per process (before --grad-accum)")
@@ -175,7 +176,7 @@ def cache_size(data_dir):
 
 def default_out_dir(args):
     size = args.image_size or cache_size(args.data_dir) or 256
-    return os.path.join("runs", f"{os.path.basename(os.path.normpath(args.data_dir))}-{args.preset}-{size}")
+    return os.path.join("runs", f"{os.path.basename(os.path.normpath(args.data_dir))}-{pick_preset(args.preset, size)}-{size}")
 
 # -----------------------------------------------------------------------------
 # evaluation, samples, checkpoint helpers
@@ -270,8 +271,8 @@ def main(argv=None):
     for flag in ("batch_size", "max_steps", "grad_accum", "sample_per_class"):
         if getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    if args.preset not in PRESETS:
-        die(f"--preset {args.preset}: unknown; choose from {', '.join(PRESETS)}")
+    if args.preset not in PRESETS and args.preset != "auto":
+        die(f"--preset {args.preset}: unknown; choose from auto, {', '.join(PRESETS)}")
     if args.balance not in ("none", "sqrt", "inverse"):
         die(f"--balance {args.balance}: choose none, sqrt or inverse")
     if args.loss not in ("mse", "min-snr") or args.snr_gamma <= 0:
@@ -282,6 +283,7 @@ def main(argv=None):
     cached = cache_size(args.data_dir)  # None: no cache.npy (prepare_data.py --no-cache), decode PNGs in the workers
     cache = os.path.join(args.data_dir, "cache.npy") if cached else None
     args.image_size = size = args.image_size or cached or 256
+    args.preset = pick_preset(args.preset, size)  # the checkpoint records the preset that was built
     if cached and size != cached:
         die(f"--image-size {size} does not match {cache} ({cached}x{cached}); leave it out or rerun prepare_data.py --size {size}")
     if ckpt is None and os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):

@@ -235,3 +235,11 @@ def test_flops_scale_with_pixels_and_match_a_hand_count_for_one_conv():
     conv_in = 2 * 1 * 128 * 3 * 3 * 256 * 256  # 2 * C_in * C_out * k * k * H * W: the first conv alone
     assert f256 > 100 * conv_in
     assert 4.5e11 < f256 < 5.5e11  # ~496 GFLOP a forward at 256x256: the number MFU divides by
+
+
+def test_preset_auto_picks_a_model_that_fits_the_image_size():
+    for size, name in [(32, "tiny"), (64, "tiny"), (128, "small"), (256, "base"), (512, "base")]:
+        assert model.pick_preset("auto", size) == name and model.pick_preset("small", size) == "small"
+    assert model.build_unet(32).config.block_out_channels == model.PRESETS["tiny"][0]  # auto is the default
+    with pytest.raises(ValueError, match="choose from auto, base"):
+        model.build_unet(32, "huge")

@@ -213,7 +213,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("empty split", ["--data-dir", "{tmp}/empty"], "train.csv: the train split has no rows"),
     ("size vs cache", ["--data-dir", "{tmp}/d", "--image-size", "64"], "--image-size 64 does not match .*cache.npy"),
     ("batch 0", ["--data-dir", "{tmp}/d", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
-    ("preset", ["--data-dir", "{tmp}/d", "--preset", "huge"], "--preset huge: unknown; choose from base, small, tiny"),
+    ("preset", ["--data-dir", "{tmp}/d", "--preset", "huge"], "--preset huge: unknown; choose from auto, base, small, tiny"),
     ("size vs preset", ["--data-dir", "{tmp}/d", "--preset", "small", "--image-size", "48"], "does not fit preset"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, case, flags, message):
