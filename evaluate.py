@@ -40,6 +40,7 @@ K = len(CLASSES)
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
 MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of real test-to-train distances
 CHUNK = 4096  # images per chunk when resizing or reducing a whole split: memory stays flat at NIH scale
+GRAIN_X = 1.5  # noise-like: more fine grain than GRAIN_X times the grainiest real test image
 
 
 def die(msg):
@@ -255,6 +256,13 @@ def diversity(f, max_n, rng):
     return float(torch.cdist(f, f).sum() / (n * (n - 1))) if n > 1 else float("nan")
 
 
+def grain(x):
+    """(N, H, W) uint8 -> (N,) mean |Laplacian| in [-1, 1] units: the fine grain of each image (noise scores high)."""
+    x = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5  # (N, H, W)
+    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    return lap.abs().mean((1, 2)).numpy()
+
+
 def unit_rows(f, mu=None):
     f = torch.as_tensor(f, dtype=torch.float32)
     f = f - (f.mean(1, keepdim=True) if mu is None else torch.as_tensor(mu, dtype=torch.float32))
@@ -389,14 +397,15 @@ def memorization(f_tr, f_s, f_te, x_tr, x_s, x_te, device):
                 thresholds={"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r})
 
 
-def class_figures(d, hit_s, hit_te, f_s, f_te, px_s, px_te, flag_s, max_n, rng):
+def class_figures(d, hit_s, hit_te, f_s, f_te, px_s, px_te, flag_s, noisy_s, max_n, rng):
     """One class's row of the report. d: (repeats, 4) from matched_realism; the rest: that class's images only."""
     div = lambda a, b: diversity(a, max_n, rng) / diversity(b, max_n, rng) if min(len(a), len(b)) > 1 else np.nan
     return {"n_synthetic": len(hit_s), "n_test": len(hit_te), "fidelity": hit_s.mean() if len(hit_s) else np.nan,
             "accuracy": hit_te.mean() if len(hit_te) else np.nan, "fd_ratio": d[:, 0].mean() / d[:, 1].mean(),
             "fd": {"synthetic": summarize(d[:, 0]), "floor": summarize(d[:, 1])},
             "kid": {"synthetic": summarize(d[:, 2]), "floor": summarize(d[:, 3])},
-            "diversity_features": div(f_s, f_te), "diversity_pixels": div(px_s, px_te), "memorized": flag_s.sum()}
+            "diversity_features": div(f_s, f_te), "diversity_pixels": div(px_s, px_te), "memorized": flag_s.sum(),
+            "noise_like": noisy_s.sum()}
 
 
 def write_report(R, args, out):
@@ -407,14 +416,14 @@ def write_report(R, args, out):
     row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_test']}", f"{num(d['fidelity'])} / {num(d['accuracy'])}",
                            f"**{num(d['fd_ratio'], 2)}**", f"{ci(d['fd']['synthetic'])} / {ci(d['fd']['floor'])}",
                            f"{ci(d['kid']['synthetic'], 1e3, 1)} / {ci(d['kid']['floor'], 1e3, 1)}",
-                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["memorized"]]
+                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"], d["memorized"]]
     M, n = R["memorization"], R["settings"]
     md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
           f"(train/val/test {n['n_train']}/{n['n_val']}/{n['n_test']}), {args.size} px, seed {args.seed}. "
           f"The reference classifier's macro AUC on real test images: {num(R['classifier']['macro_auc'])}.\n",
           table(["class", "synthetic / test images", "label fidelity: synthetic / real", "realism: FD ratio",
                  "FD [95%]: synthetic / floor", "KID x1000 [95%]: synthetic / floor",
-                 "diversity / real (features, pixels)", "memorized"],
+                 "diversity / real (features, pixels)", "noise-like", "memorized"],
                 [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]),
           "How to read it:",
           "- **label fidelity**: the share of a class's synthetic images that the reference classifier (trained on real "
@@ -428,6 +437,8 @@ def write_report(R, args, out):
           "different numbers of images. An interval that holds 0 found no difference.",
           "- **diversity**: the mean distance between two synthetic images of a class over that between two real test "
           "images; well below 1 means the model draws the same image again and again.",
+          f"- **noise-like**: synthetic images with more fine grain (mean absolute Laplacian) than {GRAIN_X:g} times the "
+          "grainiest real test image: noise or salt-and-pepper, not a film. Should be 0.",
           f"- **memorized**: synthetic images closer to a training image than all but {MIN_PCT:g}% of real test images "
           f"are (feature cosine > {num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)});"
           f" about {MIN_PCT:g}% is expected even of new images. See closest_pairs.png and memorization.csv.\n"]
@@ -474,18 +485,19 @@ def main(argv=None):
     mem = memorization(f_tr, f_s, f_te, xtr, xs, xte, dev)
     R["memorization"] = {**mem["thresholds"], "flagged": mem["flag"].sum()}
     hit_s, hit_te, px_s, px_te = p_s.argmax(1) == ys, p_te.argmax(1) == yte, pixels(xs).numpy(), pixels(xte).numpy()
+    noisy = grain(xs) > GRAIN_X * grain(xte).max()  # noise, not a film: grainier than any real test image, by far
     R["per_class"], draws = {}, []
     for c, name in enumerate(CLASSES):
         s, v, t = ys == c, yva == c, yte == c  # this class's synthetic, val and test images
         if s.any() or t.any():
             d = matched_realism(f_s[s], np.concatenate([f_va[v], f_te[t]]), args.repeats, args.max_n, rng)
             R["per_class"][name] = class_figures(d, hit_s[s], hit_te[t], f_s[s], f_te[t], px_s[s], px_te[t],
-                                                 mem["flag"][s], args.max_n, rng)
+                                                 mem["flag"][s], noisy[s], args.max_n, rng)
             draws += [] if np.isnan(d).any() else [d]
     if not draws:
         die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real val + test images to compare to")
     avg, scored = np.mean(draws, 0), [d for d in R["per_class"].values() if d["n_synthetic"] and d["n_test"]]
-    R["summary"] = {"n_synthetic": len(xs), "n_test": len(xte), "memorized": mem["flag"].sum(),  # avg: (repeats, 4)
+    R["summary"] = {"n_synthetic": len(xs), "n_test": len(xte), "memorized": mem["flag"].sum(), "noise_like": noisy.sum(),
                     **{k: np.nanmean([d[k] for d in scored]) for k in ("fidelity", "accuracy", "diversity_features",
                                                                         "diversity_pixels")},
                     "fd_ratio": avg[:, 0].mean() / avg[:, 1].mean(),  # the class average of each redraw: its interval

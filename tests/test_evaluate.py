@@ -178,6 +178,7 @@ def test_held_out_real_images_score_as_real(data, tmp_path):
     junk = np.random.default_rng(2).integers(0, 256, (48, SIZE, SIZE)).astype(np.uint8)
     R3 = run(data, write_samples(tmp_path / "junk", junk, np.repeat(np.arange(6), 8)), out)
     assert R3["summary"]["fd_ratio"] > 10 and R3["summary"]["fd"]["synthetic"]["lo"] > S["fd"]["floor"]["hi"]
+    assert R3["summary"]["noise_like"] == len(junk) and S["noise_like"] == 0  # noise is told from films
 
 
 def test_copies_of_training_images_are_flagged(data, tmp_path):
