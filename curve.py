@@ -30,10 +30,12 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 1
 def score(args):
     csv, work = os.path.join(args.run, "curve.csv"), os.path.join(args.run, "curve")
     done = set(pd.read_csv(csv)["snapshot"]) if os.path.exists(csv) else set()
-    classes = sorted(pd.read_csv(os.path.join(args.data_dir, "test.csv"))["label"].unique())
     snaps = sorted(glob.glob(os.path.join(args.run, "snapshots", "ema_step*.pt")))
     if not snaps:
         raise SystemExit(f"curve.py: error: --run {args.run}: no snapshots/ema_step*.pt (train with --snapshot-every)")
+    if not os.path.exists(os.path.join(args.data_dir, "test.csv")):
+        raise SystemExit(f"curve.py: error: --data-dir {args.data_dir}: no test.csv (run prepare_data.py first)")
+    classes = sorted(pd.read_csv(os.path.join(args.data_dir, "test.csv"))["label"].unique())
     for snap in [s for s in snaps if os.path.basename(s) not in done]:
         samples = os.path.join(work, "samples")
         shutil.rmtree(samples, ignore_errors=True)
@@ -44,9 +46,10 @@ def score(args):
                            "--out", os.path.join(work, "report"), "--no-utility"])
         ckpt = evaluate.torch.load(snap, map_location="cpu", weights_only=True)  # step and training seconds
         P = R["per_class"]
-        row = {"snapshot": os.path.basename(snap), "step": ckpt["step"], "minutes": ckpt["time_s"] / 60,
+        seconds = ckpt["step"] * args.seconds_per_step if args.seconds_per_step else ckpt["time_s"]
+        row = {"snapshot": os.path.basename(snap), "step": ckpt["step"], "minutes": seconds / 60,
                "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-               "fidelity_over_real_worst": min(P[c]["fidelity"] / P[c]["accuracy"] for c in classes),
+               "fidelity_over_real_worst": min(P[c]["fidelity"] / max(P[c]["accuracy"], 1e-3) for c in classes),
                "fd_ratio": R["summary"]["fd_ratio"], "fd_ratio_worst": max(P[c]["fd_ratio"] for c in classes),
                "kid": R["summary"]["kid"]["synthetic"]["mean"],
                **{f"fidelity {c}": P[c]["fidelity"] for c in classes}, **{f"fd_ratio {c}": P[c]["fd_ratio"] for c in classes}}
@@ -106,6 +109,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sample.py --steps (default: the sampler's)")
     p.add_argument("--guidance", type=float, default=sample.GUIDANCE, help="sample.py --guidance")
     p.add_argument("--batch-size", type=int, default=100, help="sample.py --batch-size")
+    p.add_argument("--seconds-per-step", type=float, default=None, help="minutes = step x this (a run timed alone), "
+                   "instead of the run's own clock (a run that shared the CPU)")
     # ---- plot runs ----
     p.add_argument("--plot", nargs="+", metavar="CSV", help="curve.csv files to draw into one figure")
     p.add_argument("--labels", nargs="+", help="legend entries for --plot (default: the run folder names)")

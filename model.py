@@ -247,7 +247,7 @@ def unet_from_checkpoint(ckpt, ema=True):
 # card) in the run folder: a model that diffusers alone loads and samples. The card states the defaults below.
 
 DEFAULT_SAMPLER = "ddim-2m"  # sample.py's defaults, chosen by measurement (README)
-DEFAULT_GUIDANCE = 1.5  # classifier-free guidance scale
+DEFAULT_GUIDANCE = 1.25  # classifier-free guidance scale
 CARD_SAMPLER = "ddim"  # the card's plain-diffusers loop: ddim-2m's first-order part, a diffusers scheduler
 EXPORT = ("unet", "scheduler", "README.md")
 
