@@ -45,7 +45,7 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="add torch.compile to the fast training path")
     p.add_argument("--quick", action="store_true", help="tiny preset, 32 px, small batches: a CPU smoke test")
     # ---- measurement ----
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per configuration")
+    p.add_argument("--timed-steps", "--steps", type=int, default=20, help="timed training steps per configuration")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="steps of the ddpm sampler and of DDPMPipeline")
     p.add_argument("--png-images", type=int, default=64, help="PNGs written (1024x1024, like NIH) to time decoding")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for MFU (default: datasheet bf16)")
@@ -149,14 +149,14 @@ def bench_train(args, device, batch, fast, dtype, flops, peak):
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    s = timed(step, device, args.steps)
+    s = timed(step, device, args.timed_steps)
     img_s = batch / s
     return {"ms_per_step": 1e3 * s, "img_s": img_s,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "mfu": 3 * flops * img_s / peak if peak else None}
 
 # -----------------------------------------------------------------------------
-# 3. sampling: our loop (dpm++ 25 steps with guidance; ddpm 1000) vs diffusers' DDPMPipeline on the same weights
+# 3. sampling: our loop (the default sampler with and without guidance; ddpm 1000) vs diffusers' DDPMPipeline
 
 
 def bench_sample(args, device, batch, ddpm_steps, dtype):
@@ -178,8 +178,9 @@ def bench_sample(args, device, batch, ddpm_steps, dtype):
         pipe(batch_size=batch, num_inference_steps=n_steps, output_type="np")
 
     rows, amp = [], PRECISION[dtype]
-    for name, precision, run, steps in [("dpm++ 25, guidance 2", amp, partial(ours, "dpm++", 2.0), 25),
-                                        ("dpm++ 25, no guidance", amp, partial(ours, "dpm++", 1.0), 25),
+    d, n, w = model.DEFAULT_SAMPLER, model.DEFAULT_STEPS[model.DEFAULT_SAMPLER], model.DEFAULT_GUIDANCE
+    for name, precision, run, steps in [(f"{d} {n}, guidance {w}", amp, partial(ours, d, w), n),
+                                        (f"{d} {n}, no guidance", amp, partial(ours, d, 1.0), n),
                                         (f"ddpm {ddpm_steps}", amp, partial(ours, "ddpm", 1.0), ddpm_steps),
                                         (f"DDPMPipeline {ddpm_steps}", "fp32", theirs, ddpm_steps)]:
         # warm-up: 2 steps of the same shapes; the timed runs are long enough to time once
@@ -192,7 +193,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.quick:
         args.preset, args.image_size, args.batch_sizes, args.sample_batch = "tiny", 32, "8", 4
-        args.steps, args.png_images = min(args.steps, 5), min(args.png_images, 16)
+        args.timed_steps, args.png_images = min(args.timed_steps, 5), min(args.png_images, 16)
     device = torch.device(args.device)
     model.set_threads(device)  # the free cores: oversubscribed CPU threads run many times slower
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -236,7 +237,7 @@ def main(argv=None):
     report["sample"] = bench_sample(args, device, args.sample_batch, args.ddpm_steps, fast_dtype)
     for r in report["sample"]:
         v = f"{r['img_s']:8.3f} img/s" if "img_s" in r else r["error"]
-        print(f"sample | batch {args.sample_batch} {r['sampler']:22s} {r['precision']:13s} | {v} | "
+        print(f"sample | batch {args.sample_batch} {r['sampler']:26s} {r['precision']:13s} | {v} | "
               f"{ratio(r, report['sample'][-1])} DDPMPipeline")
 
     tmp = args.out + ".tmp"

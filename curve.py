@@ -78,7 +78,7 @@ def plot(csvs, labels, out, W=560, H=300, pad=60):
         for v in ticks:
             draw.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
             draw.text((x0 - 40, Y(v) - 6), f"{v:g}", fill="black")
-        for m in np.linspace(0, xmax, 6):
+        for m in np.arange(0, xmax, 10 if xmax > 40 else 5):  # round minutes
             draw.line([X(m), y1, X(m), y1 + 4], fill="black")
             draw.text((X(m) - 8, y1 + 6), f"{m:.0f}", fill="black")
         draw.text(((x0 + x1) // 2 - 60, y1 + 20), "training minutes", fill="black")

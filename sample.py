@@ -2,7 +2,7 @@
 sample.py - generate synthetic chest X-rays of chosen pathologies from a trained checkpoint.
 
     python sample.py --ckpt runs/x/ckpt.pt --class Effusion --n 16
-    python sample.py --ckpt runs/x --class all --n 500 --sampler dpm++ --steps 25 --guidance 2 --seed 0 --out samples/
+    python sample.py --ckpt runs/x --class all --n 500 --sampler ddim-2m --steps 25 --guidance 1.25 --seed 0 --out samples/
     python sample.py --ckpt runs/x --class "no finding" --class 3 --n 64 --batch-size 64 --out samples/b --overwrite
 
 Writes into --out: one 8-bit grayscale PNG per image, <class>_s<seed>_<index>.png, marked synthetic in its PNG

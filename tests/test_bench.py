@@ -7,7 +7,7 @@ import torch
 import bench
 import model
 
-QUICK = ["--quick", "--device", "cpu", "--steps", "1", "--png-images", "2", "--ddpm-steps", "2"]
+QUICK = ["--quick", "--device", "cpu", "--timed-steps", "1", "--png-images", "2", "--ddpm-steps", "2"]
 
 
 def test_quick_bench_measures_every_part_and_writes_bench_json(tmp_path):
@@ -25,7 +25,7 @@ def test_quick_bench_measures_every_part_and_writes_bench_json(tmp_path):
         assert math.isclose(r["img_s"], 8 / (r["ms_per_step"] / 1e3))
         assert r["mfu"] is None  # no peak is known for a CPU unless --peak-tflops gives one
     assert [(r["sampler"], r["precision"]) for r in report["sample"]] == [
-        ("dpm++ 25, guidance 2", "bf16 autocast"), ("dpm++ 25, no guidance", "bf16 autocast"),
+        ("ddim-2m 25, guidance 1.25", "bf16 autocast"), ("ddim-2m 25, no guidance", "bf16 autocast"),
         ("ddpm 10", "bf16 autocast"), ("DDPMPipeline 10", "fp32")]
     assert all(r["img_s"] > 0 for r in report["sample"])
 
@@ -64,8 +64,8 @@ def test_a_configuration_out_of_memory_is_an_oom_row_and_the_others_still_run(tm
     table = capsys.readouterr().out
     assert "train  | batch   8 fp32-eager fp32          | OOM" in table
     assert "fast / fp32-eager: -" in table  # no ratio against a row that did not run
-    assert "ddpm 2                 bf16 autocast | OOM | - DDPMPipeline" in table
-    assert "dpm++ 25, guidance 2   bf16 autocast |" in table and "x1.00 DDPMPipeline" in table
+    assert "ddpm 2                     bf16 autocast | OOM | - DDPMPipeline" in table
+    assert "ddim-2m 25, guidance 1.25  bf16 autocast |" in table and "x1.00 DDPMPipeline" in table
 
 
 def test_errors_other_than_out_of_memory_are_not_swallowed():

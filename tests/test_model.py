@@ -135,6 +135,14 @@ def test_every_sampler_starts_from_pure_noise_at_any_step_count(sampler):
         assert (timesteps[1:] < timesteps[:-1]).all()  # strictly from noise to clean
 
 
+def test_ddim_2m_steps_evenly_then_through_the_fine_tail():
+    t = model.make_sampler("ddim-2m", 25)[1].tolist()
+    assert t[-3:] == list(model.TAIL) and t[-4] == 2 * model.TAIL[0]  # ends 48, 24, 10, 3, then the clean image
+    gaps = [a - b for a, b in zip(t[:-3], t[1:-3])]
+    assert max(gaps) - min(gaps) <= 1  # even above the tail, as ddim's trailing steps (no crowding near t=999)
+    assert len(set(model.make_sampler("ddim-2m", 955)[1].tolist())) == 955  # the most distinct steps it has
+
+
 class GaussianEps(torch.nn.Module):
     """The exact eps of data whose pixels are N(M, S^2): E[eps | xt] = sqrt(1 - a) (xt - sqrt(a) M) / (a S^2 + 1 - a),
     a = alpha_bar_t. A perfect denoiser: a sampler fed it must draw pixels with mean M and spread S."""
@@ -165,6 +173,8 @@ def test_the_default_sampler_keeps_the_spread_that_ddim_loses_at_the_same_calls(
 
 
 def test_bad_sampler_or_steps_are_clear_errors():
+    with pytest.raises(ValueError, match="ddim-2m takes between 1 and 955"):
+        model.make_sampler("ddim-2m", 956)
     with pytest.raises(ValueError, match="unknown sampler"):
         model.make_sampler("euler-ish", 10)
     with pytest.raises(ValueError, match="steps"):

@@ -69,6 +69,16 @@ def test_lr_warmup_then_cosine_to_zero():
     assert train.lr_at(110, 1e-4, 10, 110) == pytest.approx(0, abs=1e-12)
 
 
+def test_min_snr_weights_only_the_low_noise_steps_down():
+    alpha_bar = model.make_schedule().alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    w = train.loss_weights(alpha_bar, "min-snr", 5.0)
+    assert torch.equal(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # noisy steps: plain eps-MSE
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5]) and w[0] == pytest.approx(5e-4, rel=1e-3)  # t=0: SNR ~1e4
+    assert (w[1:] >= w[:-1]).all()  # less weight the cleaner xt is
+    assert torch.equal(train.loss_weights(alpha_bar, "mse", 5.0), torch.ones(1000))  # the seed's loss
+
+
 def test_ema_update_hand_computed():
     ema, net = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     with torch.no_grad():
@@ -131,13 +141,14 @@ def test_load_batch_reads_cache_rows_and_pngs_alike(tmp_path):
 def test_tiny_model_overfits_and_writes_the_run_folder(tmp_path):
     data, out = make_data(tmp_path / "d"), tmp_path / "run"
     run(data, out, "--max-steps", "30", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "3",
-        "--log-every", "5", "--eval-every", "15", "--sample-every", "30", "--sample-per-class", "1")
+        "--log-every", "5", "--eval-every", "15", "--sample-every", "20", "--sample-per-class", "1")
     m = pd.read_csv(out / "metrics.csv")
     assert list(m.columns) == ["step", "time_s", "loss", "lr", "img_per_s", "val_loss"] and m.step.tolist() == [5, 10, 15, 20, 25, 30]
     assert m.loss.iloc[-1] < 0.4 * m.loss.iloc[0]  # falls well below its start
     assert m.lr.tolist() == pytest.approx([train.lr_at(s - 1, 2e-3, 3, 30) for s in m.step], rel=1e-4)
     assert m.val_loss.notna().tolist() == [False, False, True, False, False, True]
-    grid = Image.open(out / "samples_step000030.png")
+    assert sorted(p.name for p in out.glob("samples_step*.png")) == ["samples_step000020.png", "samples_step000030.png"]
+    grid = Image.open(out / "samples_step000030.png")  # the last step always gets one
     assert grid.size == (train.LABEL_W + 32, 6 * 32) and grid.text["synthetic"] == "1"
     ckpt = model.load_checkpoint(str(out))  # weights_only=True
     assert {"model", "ema", "optimizer", "scaler", "step", "unet_config", "classes", "image_size", "args",
@@ -170,6 +181,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert b["step"] == 6
     assert sd_equal(a["model"], b["model"]) and sd_equal(a["ema"], b["ema"])  # bitwise
     assert all(sd_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k]) for k in a["optimizer"]["state"])
+
+
+def test_lr_and_warmup_defaults_follow_the_preset_and_run_length(tmp_path):
+    """Defaults chosen by the sweep: the preset's peak LR, warmup max-steps/80 capped at 1000; kept on --resume."""
+    data = make_data(tmp_path / "data")
+    run(data, tmp_path / "run", "--max-steps", "160", "--batch-size", "2", "--log-every", "1")
+    args = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]
+    assert (args["lr"], args["warmup_steps"], args["loss"]) == (train.PRESET_LR["tiny"], 2, "min-snr")
+    lr = pd.read_csv(tmp_path / "run" / "metrics.csv").lr
+    assert lr[0] == pytest.approx(train.PRESET_LR["tiny"] / 2) and lr.max() == pytest.approx(train.PRESET_LR["tiny"])
+    run(data, tmp_path / "run", "--max-steps", "161", "--resume")  # one more step, the run's own LR
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]["lr"] == train.PRESET_LR["tiny"]
+    assert train.PRESET_LR["base"] == 1e-4 and min(1000, 100_000 // train.WARMUP_SHARE) == 1000  # the seed's, long runs
 
 
 def test_first_step_ema_warmup_and_run_folder_guards(tmp_path):
