@@ -296,7 +296,7 @@ def main(argv=None):
     cache = os.path.join(args.data_dir, "cache.npy") if cached else None
     args.image_size = size = args.image_size or cached or 256
     args.preset = pick_preset(args.preset, size)  # the checkpoint records the preset that was built
-    args.lr = args.lr or PRESET_LR[args.preset]  # recorded in the checkpoint, so --resume keeps them
+    args.lr = args.lr if args.lr is not None else PRESET_LR[args.preset]  # recorded in the checkpoint: --resume keeps it
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else min(1000, args.max_steps // WARMUP_SHARE)
     if cached and size != cached:
         die(f"--image-size {size} does not match {cache} ({cached}x{cached}); leave it out or rerun prepare_data.py --size {size}")
