@@ -77,18 +77,51 @@ def flops_per_image(model, image_size):
     return counter.get_total_flops()
 
 # -----------------------------------------------------------------------------
-# The noise schedule (Ho et al. 2020): 1000 steps, betas linear from 1e-4 to 0.02, the model predicts eps.
+# The noise schedule (Ho et al. 2020): 1000 steps, betas linear from 1e-4 to 0.02. The model predicts eps, or
+# v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022). --shift s > 1 makes every step noisier,
+# SNR(t) -> SNR(t) / s^2 (Hoogeboom et al. 2023): a larger image keeps its layout visible at a given SNR, since
+# neighbouring pixels average the noise away, so the same schedule spends fewer steps on the layout.
+PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' names
 
 
-def make_schedule():
-    return DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS, beta_schedule="linear", beta_start=1e-4,
-                         beta_end=0.02, prediction_type="epsilon", clip_sample=True)
+def make_schedule(prediction="epsilon", shift=1.0):
+    kw = dict(num_train_timesteps=NUM_TIMESTEPS, prediction_type=prediction, clip_sample=True)
+    linear = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **kw)
+    if shift == 1.0:
+        return linear
+    snr = linear.alphas_cumprod.double() / (1 - linear.alphas_cumprod.double()) / shift ** 2
+    alpha_bar = snr / (1 + snr)  # (1000,) shifted
+    betas = 1 - alpha_bar / torch.cat([torch.ones(1, dtype=alpha_bar.dtype), alpha_bar[:-1]])
+    return DDPMScheduler(trained_betas=betas.tolist(), **kw)  # a diffusers config as any other: loadable, exportable
+
+
+def schedule_of(ckpt):
+    """The schedule a checkpoint was trained on (checkpoints before v-prediction: eps, linear)."""
+    return make_schedule(**ckpt.get("schedule", {}))
 
 
 def add_noise(x0, eps, t, alpha_bar):
     """Forward process: xt = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps.  x0, eps: (B, 1, H, W); t: (B,)"""
     a = alpha_bar.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)  # (B, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def target(x0, eps, t, alpha_bar, prediction):
+    """What the UNet learns to output: eps, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0."""
+    if prediction == "epsilon":
+        return eps
+    a = alpha_bar.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)  # (B, 1, 1, 1)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def loss_weights(alpha_bar, prediction, loss="min-snr", gamma=5.0):
+    """(1000,) weight of each t in the MSE. In x0 units an eps-MSE weighs t by SNR and a v-MSE by SNR + 1;
+    Min-SNR-gamma (Hang et al. 2023) makes that min(SNR, gamma) for either, so the easy low-noise steps
+    (SNR = alpha_bar / (1 - alpha_bar), 1e4 at t=0) do not pull the shared weights their way; mse weighs all t the same."""
+    snr = alpha_bar / (1 - alpha_bar)
+    if loss == "mse":
+        return torch.ones_like(snr)
+    return snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
 
 # -----------------------------------------------------------------------------
 # Samplers. The diffusers ones are built from the training schedule's config, so they share its betas; ddim-2m is
@@ -108,8 +141,9 @@ DEFAULT_STEPS = {"ddim-2m": 25, "ddpm": 1000, "ddim": 50, "dpm++": 25}
 TAIL = (24, 10, 3)  # ddim-2m's last steps; above them its steps are even in t, as ddim's "trailing" ones (README)
 
 
-def make_sampler(name, steps):
-    """-> (diffusers scheduler or None for ddim-2m, timesteps (steps,) long, high noise first)"""
+def make_sampler(name, steps, schedule=None):
+    """-> (diffusers scheduler or None for ddim-2m, timesteps (steps,) long, high noise first). sample() hands every
+    scheduler eps, so they are built on the eps version of the training schedule (make_schedule() if None)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     most = NUM_TIMESTEPS - 2 * TAIL[0] + len(TAIL) if SAMPLERS[name] is None else NUM_TIMESTEPS  # ddim-2m: 955
@@ -121,23 +155,24 @@ def make_sampler(name, steps):
         tail = TAIL[len(TAIL) - min(len(TAIL), steps - 1):]  # 1 step: no tail
         head = torch.linspace(NUM_TIMESTEPS - 1, 2 * TAIL[0], steps - len(tail), dtype=torch.float64).round().long()
         return None, torch.cat([head, torch.tensor(tail, dtype=torch.long)])
-    scheduler = SAMPLERS[name](make_schedule().config)
+    scheduler = SAMPLERS[name]({**(schedule or make_schedule()).config, "prediction_type": "epsilon"})
     scheduler.set_timesteps(steps)
     return scheduler, scheduler.timesteps
 
 
 @torch.no_grad()
-def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=None):
+def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=None, schedule=None):
     """Generate one image per label. labels: (B,) long on the model's device.
     generators: one torch.Generator (CPU) per image, so image i depends only on its own seed, never on the batch.
+    schedule: the one the model was trained on (schedule_of(ckpt); default make_schedule()).
     Returns (B, 1, H, W) float32 in [-1, 1]."""
-    device, size = labels.device, model.config.sample_size
-    scheduler, timesteps = make_sampler(sampler, steps)
+    device, size, schedule = labels.device, model.config.sample_size, schedule or make_schedule()
+    scheduler, timesteps = make_sampler(sampler, steps, schedule)
     generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]
     xt = torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)  # (B, 1, H, W)
     null = torch.full_like(labels, NULL_CLASS)
     extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
-    alpha_bar = make_schedule().alphas_cumprod.tolist()
+    alpha_bar, v = schedule.alphas_cumprod.tolist(), schedule.config.prediction_type == "v_prediction"
     lam = lambda t: 0.5 * math.log(alpha_bar[t] / (1 - alpha_bar[t]))  # log signal-to-noise ratio of xt, per 2
     x0_prev = None
     for i, t in enumerate(timesteps.tolist()):
@@ -147,6 +182,8 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
         else:  # classifier-free guidance: cond and null in one batched forward
             eps_cond, eps_null = model(torch.cat([x_in, x_in]), t, class_labels=torch.cat([labels, null])).sample.float().chunk(2)
             eps = eps_null + guidance * (eps_cond - eps_null)
+        if v:  # the model said v; eps = sqrt(1 - a_t) xt + sqrt(a_t) v (guidance is linear: the same in either)
+            eps = math.sqrt(1 - alpha_bar[t]) * xt + math.sqrt(alpha_bar[t]) * eps
         if scheduler is not None:
             xt = scheduler.step(eps, t, xt, **extra).prev_sample
             continue
@@ -261,9 +298,9 @@ tags: [medical-imaging, chest-x-ray, synthetic-data, ddpm]
 **Synthetic images, not patient images. Not for diagnosis** or any clinical decision. Mark every image you save
 or share as synthetic (the code below writes `synthetic=1` into the PNG).
 
-- `unet/`: diffusers `UNet2DModel`, 1 channel in and out, {size}x{size} px, predicts the noise eps.
-- `scheduler/`: `{cls}` ("{sampler}") on the training schedule: {T} steps, {schedule} betas {beta_start} to
-  {beta_end}, timestep spacing "{spacing}". Any diffusers scheduler can be built from its config with `from_config`.
+- `unet/`: diffusers `UNet2DModel`, 1 channel in and out, {size}x{size} px, predicts {predicts}.
+- `scheduler/`: `{cls}` ("{sampler}") on the training schedule: {T} steps, {schedule}, timestep spacing
+  "{spacing}", prediction_type "{prediction}". Any diffusers scheduler can be built from its config with `from_config`.
 - Pixels: the model works in [-1, 1]; 8-bit gray = round((x + 1) * 127.5).
 - Sampling: {steps} steps, classifier-free guidance w = {w}: eps = eps_null + w (eps_cond - eps_null). The project's
   own sampler, ddim-2m, adds a second-order term to this DDIM step and needs about half the steps.
@@ -298,19 +335,22 @@ Image.fromarray(gray).save(f"synthetic_class{{y}}_seed{{seed}}.png", pnginfo=inf
 """
 
 
-def export_pretrained(model, out_dir):
+def export_pretrained(model, out_dir, schedule=None):
     """Write out_dir/unet, out_dir/scheduler, out_dir/README.md (replacing them); other files in out_dir are kept."""
     tmp = os.path.join(out_dir, "export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash mid-export
     model.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
-    scheduler = SAMPLERS[CARD_SAMPLER](make_schedule().config)
+    scheduler = SAMPLERS[CARD_SAMPLER]((schedule or make_schedule()).config)
     # write every value: diffusers re-reads the ones it marks as defaults from whatever version loads the file
     scheduler = type(scheduler).from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
     scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
     c, y, rows = scheduler.config, min(3, len(CLASSES) - 1), "\n".join(f"| {i} | {n} |" for i, n in enumerate(CLASSES))
     card = CARD.format(size=model.config.sample_size, cls=type(scheduler).__name__, sampler=CARD_SAMPLER,
-                       T=c.num_train_timesteps, schedule=c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
-                       spacing=c.timestep_spacing, steps=DEFAULT_STEPS[CARD_SAMPLER], w=DEFAULT_GUIDANCE,
+                       T=c.num_train_timesteps, spacing=c.timestep_spacing, prediction=c.prediction_type,
+                       schedule=f"betas linear {c.beta_start} to {c.beta_end}" if c.trained_betas is None else
+                       "betas in `trained_betas` (linear 1e-4 to 0.02, shifted to lower SNR)",
+                       predicts="the noise eps" if c.prediction_type == "epsilon" else
+                       "v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0; the scheduler takes it as it is", steps=DEFAULT_STEPS[CARD_SAMPLER], w=DEFAULT_GUIDANCE,
                        null=NULL_CLASS, y=y, y_name=CLASSES[y], rows=rows,
                        gen=", generator=g" if CARD_SAMPLER == "ddpm" else "")  # only ddpm adds noise each step
     with open(os.path.join(tmp, "README.md"), "w") as f:

@@ -119,6 +119,7 @@ def main(argv=None):
     try:
         ckpt = model.load_checkpoint(args.ckpt)
         unet = model.unet_from_checkpoint(ckpt, ema=not args.no_ema).to(device)
+        schedule = model.schedule_of(ckpt)  # eps or v, the training betas
     except ValueError as e:
         die(f"--ckpt {e}")
     except (KeyError, RuntimeError) as e:  # a project checkpoint whose weights are missing or do not fit its config
@@ -157,7 +158,7 @@ def main(argv=None):
         # with i < MAX_N and fewer than 10 classes no two images of any run share a generator seed
         generators = [torch.Generator().manual_seed(args.seed * 1_000_003 + c * 100_003 + i) for c, i in batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators)  # (B, 1, H, W) in [-1, 1]
+            x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule)  # (B, 1, H, W), [-1, 1]
         pixels = ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()[:, 0]  # (B, H, W)
         for (c, i), im in zip(batch, pixels):
             name, label = f"{slug(model.CLASSES[c])}_s{args.seed}_{i:05d}.png", model.CLASSES[c]

@@ -25,14 +25,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (AUTO, CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
-                   HelpFormatter, add_noise, build_unet, export_pretrained, load_checkpoint, make_schedule, pick_preset,
-                   sample, save_checkpoint, set_threads, unet_config)
+                   HelpFormatter, add_noise, build_unet, export_pretrained, load_checkpoint, loss_weights, make_schedule,
+                   pick_preset, sample, save_checkpoint, set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -79,7 +78,9 @@ def get_parser():
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for samples/export")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null label (classifier-free guidance)")
-    p.add_argument("--loss", default="min-snr", help="eps-MSE weighting over t: min-snr (Hang et al. 2023; measured, README) | mse (plain, the seed's)")
+    p.add_argument("--prediction", default="eps", help="what the UNet predicts: eps (the noise) | v (Salimans & Ho 2022)")
+    p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: DDPM's linear betas)")
+    p.add_argument("--loss", default="min-snr", help="MSE weighting over t: min-snr (Hang et al. 2023; measured, README) | mse (plain)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr: weight min(SNR(t), gamma) / SNR(t)")
     # ---- system ----
     p.add_argument("--amp", default="auto", help="auto|bf16|fp16|off (auto: bf16 on GPUs with bf16 cores, else fp16; CPU: fp32, or bf16)")
@@ -188,23 +189,26 @@ def default_out_dir(args):
 
 
 @torch.no_grad()
-def val_loss(unet, xt, t, y, eps, batch_size, autocast):
-    """Mean eps-MSE over the fixed val subset (fixed xt, t, eps: only the weights change between calls)."""
+def val_loss(unet, xt, t, y, target, weight, batch_size, autocast):
+    """The training loss (weighted MSE, no label dropout) on the fixed val subset: fixed xt, t and noise, so only the
+    weights change between calls, and train and val losses read on the same footing."""
     unet.eval()
     total = torch.zeros((), device=xt.device)
     for i in range(0, len(xt), batch_size):
         s = slice(i, i + batch_size)
         with autocast():
-            total += F.mse_loss(unet(xt[s], t[s], class_labels=y[s]).sample.float(), eps[s], reduction="sum")
+            pred = unet(xt[s], t[s], class_labels=y[s]).sample.float()
+        total += (weight[s] * (pred - target[s]).pow(2).mean((1, 2, 3))).sum()
     unet.train()
-    return total.item() / eps.numel()
+    return total.item() / len(xt)
 
 
-def save_grid(ema, path, per_class, guidance, step, device, autocast):
+def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule):
     """One row per class, EMA weights, sample.py's default sampler, the same seeds every time so grids compare."""
     labels = torch.arange(len(CLASSES), device=device).repeat_interleave(per_class)  # (6 * per_class,)
     with autocast():
-        x = sample(ema, labels, DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], guidance, [torch.Generator().manual_seed(i) for i in range(len(labels))])
+        x = sample(ema, labels, DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], guidance,
+                   [torch.Generator().manual_seed(i) for i in range(len(labels))], schedule)
     x = ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()[:, 0]  # (6k, H, W)
     size = x.shape[-1]
     rows = x.reshape(len(CLASSES), per_class, size, size).transpose(0, 2, 1, 3).reshape(len(CLASSES) * size, -1)
@@ -240,13 +244,6 @@ def append_metrics(path, step, time_s, loss="", lr="", img_per_s="", val=""):
     with open(path, "a") as f:
         f.write(("step,time_s,loss,lr,img_per_s,val_loss\n" if new else "")
                 + f"{step},{time_s:.1f},{loss},{lr},{img_per_s},{val}\n")
-
-
-def loss_weights(alpha_bar, loss, gamma):
-    """(1000,) weight of each t in the eps-MSE. Min-SNR-gamma: min(SNR, gamma) / SNR stops the easy low-noise steps
-    (SNR = alpha_bar / (1 - alpha_bar), 1e4 at t=0) from pulling the shared weights their way; mse weighs all t the same."""
-    snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=gamma) / snr if loss == "min-snr" else torch.ones_like(snr)
 
 
 def due(step, every):
@@ -289,6 +286,8 @@ def main(argv=None):
         die(f"--balance {args.balance}: choose none, sqrt or inverse")
     if args.loss not in ("mse", "min-snr") or args.snr_gamma <= 0:
         die(f"--loss {args.loss} / --snr-gamma {args.snr_gamma}: choose mse or min-snr, and a gamma > 0")
+    if args.prediction not in ("eps", "v") or not args.shift > 0:
+        die(f"--prediction {args.prediction} / --shift {args.shift}: choose eps or v, and a shift > 0")
 
     # ---- data ----
     train_df, val_df = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
@@ -353,8 +352,10 @@ def main(argv=None):
     model = torch.compile(unet) if args.compile else unet  # unet stays uncompiled: no _orig_mod. in saved keys
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    alpha_bar = make_schedule().alphas_cumprod.to(device)  # (1000,)
-    loss_weight = loss_weights(alpha_bar, args.loss, args.snr_gamma)  # (1000,)
+    schedule = dict(prediction={"eps": "epsilon", "v": "v_prediction"}[args.prediction], shift=args.shift)
+    noise_schedule = make_schedule(**schedule)
+    alpha_bar = noise_schedule.alphas_cumprod.to(device)  # (1000,)
+    loss_weight = loss_weights(alpha_bar, schedule["prediction"], args.loss, args.snr_gamma)  # (1000,)
 
     # ---- the stream of training batches, and the fixed val set ----
     stream = index_stream(class_weights(train_df.class_id.to_numpy(), args.balance), args.balance != "none", args.seed, seen)
@@ -368,9 +369,10 @@ def main(argv=None):
         rows = torch.randperm(len(val_df), generator=g)[:VAL_IMAGES].tolist()
         x0, y_val = load_batch(rows, cache, *(val_df[c].to_numpy() for c in ("cache_row", "path", "class_id")), size)
         x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
-        t_val, eps_val = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
-        xt_val = add_noise(x0, eps_val, t_val, alpha_bar.cpu())
-        xt_val, t_val, y_val, eps_val = (v.to(device) for v in (xt_val, t_val, y_val, eps_val))
+        t_val, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
+        val_set = [v.to(device) for v in (add_noise(x0, eps, t_val, alpha_bar.cpu()), t_val, y_val,
+                                           target(x0, eps, t_val, alpha_bar.cpu(), schedule["prediction"]))]
+        val_set.append(loss_weight[val_set[1]])  # xt, t, y, target, weight
     metrics = os.path.join(args.out_dir, "metrics.csv")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -381,13 +383,14 @@ def main(argv=None):
         save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
             "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "samples_seen": seen, "unet_config": unet_config(unet),
-            "classes": list(CLASSES), "image_size": size, "args": vars(args), "rng": rng_state(), "time_s": train_s})
+            "classes": list(CLASSES), "image_size": size, "args": vars(args), "rng": rng_state(), "time_s": train_s,
+            "schedule": schedule})
 
     def snapshot(step):  # the EMA weights alone: sample.py and curve.py read it like a ckpt.pt
         path = os.path.join(args.out_dir, "snapshots", f"ema_step{step:06d}.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint(path, {"ema": ema.state_dict(), "step": step, "time_s": train_s, "unet_config": unet_config(unet),
-                               "classes": list(CLASSES), "image_size": size, "args": vars(args)})
+                               "classes": list(CLASSES), "image_size": size, "args": vars(args), "schedule": schedule})
 
     stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit 0
 
@@ -419,8 +422,8 @@ def main(argv=None):
             # DDP averages the gradients on the last micro-batch only
             with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
                 with autocast():
-                    eps_pred = model(xt, t, class_labels=y).sample.float()  # (B, 1, H, W)
-                loss = (loss_weight[t] * (eps_pred - eps).pow(2).mean((1, 2, 3))).mean()  # weighted eps-MSE
+                    pred = model(xt, t, class_labels=y).sample.float()  # (B, 1, H, W): eps or v
+                loss = (loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))).mean()
                 scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if args.clip > 0:
@@ -458,14 +461,14 @@ def main(argv=None):
             loss_sum.zero_()
             n_loss, t0, n_img = 0, time.time(), 0
         if master and evaluate:
-            v = val_loss(unet, xt_val, t_val, y_val, eps_val, args.batch_size, autocast)
+            v = val_loss(unet, *val_set, args.batch_size, autocast)
             tqdm.write(f"step {done} | val loss {v:.4f}")
         if master and (log or evaluate):
             append_metrics(metrics, done, train_s, *((f"{train_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}") if log else ()),
                            val=f"{v:.6g}" if evaluate else "")
         if master and grid:
             save_grid(ema, os.path.join(args.out_dir, f"samples_step{done:06d}.png"), args.sample_per_class,
-                      args.sample_guidance, done, device, autocast)
+                      args.sample_guidance, done, device, autocast, noise_schedule)
         if master and save:
             checkpoint(done)
         if master and snap:
@@ -481,7 +484,8 @@ def main(argv=None):
 
     # ---- the end (ckpt.pt was saved in the last step): the EMA weights for UNet2DModel.from_pretrained ----
     if master:
-        export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir)
+        export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir,
+                          noise_schedule)
         print(f"train.py: step {done}: wrote {args.out_dir}/ckpt.pt and {args.out_dir}/unet")
     if world > 1:  # wait until every rank is here, so no gloo worker still holds a tensor from the last all-reduce:
         dist.barrier()  # tearing the group down under one deadlocks on the GIL (seen here as a hang at exit)

@@ -72,11 +72,30 @@ def test_lr_warmup_then_cosine_to_zero():
 def test_min_snr_weights_only_the_low_noise_steps_down():
     alpha_bar = model.make_schedule().alphas_cumprod
     snr = alpha_bar / (1 - alpha_bar)
-    w = train.loss_weights(alpha_bar, "min-snr", 5.0)
+    w = model.loss_weights(alpha_bar, "epsilon", "min-snr", 5.0)
     assert torch.equal(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # noisy steps: plain eps-MSE
     assert torch.allclose(w[snr > 5], 5 / snr[snr > 5]) and w[0] == pytest.approx(5e-4, rel=1e-3)  # t=0: SNR ~1e4
     assert (w[1:] >= w[:-1]).all()  # less weight the cleaner xt is
-    assert torch.equal(train.loss_weights(alpha_bar, "mse", 5.0), torch.ones(1000))  # the seed's loss
+    assert torch.equal(model.loss_weights(alpha_bar, "epsilon", "mse", 5.0), torch.ones(1000))  # the seed's loss
+
+
+def test_eps_and_v_targets_weigh_the_x0_error_alike_under_min_snr():
+    """The same prediction error of x0 costs the same under Min-SNR, whether the UNet says eps or v."""
+    alpha_bar, g = model.make_schedule(shift=2.0).alphas_cumprod, torch.Generator().manual_seed(0)
+    x0, eps, dx0 = (torch.randn(3, 1, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([5, 300, 990])
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    xt = model.add_noise(x0, eps, t, alpha_bar)
+    assert torch.allclose(model.target(x0, eps, t, alpha_bar, "v_prediction"), a.sqrt() * eps - (1 - a).sqrt() * x0)
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * model.target(x0, eps, t, alpha_bar, "v_prediction"), x0, atol=1e-5)
+    losses = []
+    for p in model.PREDICTIONS:  # a model whose x0 is off by dx0: its eps is off by -sqrt(a / (1 - a)) dx0, its v by ...
+        wrong = (xt - a.sqrt() * (x0 + dx0)) / (1 - a).sqrt()  # the eps that goes with x0 + dx0
+        pred = model.target(x0 + dx0, wrong, t, alpha_bar, p)
+        w = model.loss_weights(alpha_bar, p, "min-snr", 5.0)[t]
+        losses.append(w * (pred - model.target(x0, eps, t, alpha_bar, p)).pow(2).mean((1, 2, 3)))
+    assert torch.allclose(losses[0], losses[1], rtol=1e-4)
+    assert torch.allclose(losses[0], (alpha_bar[t] / (1 - alpha_bar[t])).clamp(max=5) * dx0.pow(2).mean((1, 2, 3)), rtol=1e-4)
 
 
 def test_ema_update_hand_computed():
