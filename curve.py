@@ -4,11 +4,18 @@ curve.py - quality against training time: score every EMA snapshot of a run, the
     python train.py ... --snapshot-every 500 --out-dir runs/a           # keeps runs/a/snapshots/ema_step*.pt
     python curve.py --run runs/a --data-dir data/pmnist --sampler ddim-2m --steps 25 --guidance 1.5
     python curve.py --plot runs/a/curve.csv runs/b/curve.csv --out assets/quality_vs_compute.png
+    python curve.py --rare Pneumonia --data-dir data/pmnist32 --k 32 64 128 256 all --out-dir runs/rare   # rare class
 
 Scoring a snapshot = sample.py (--n images of every class in the test split) + evaluate.py --no-utility, so the
 numbers are the ones those scripts give. Appends one row per snapshot to <run>/curve.csv (snapshots already in it
 are skipped: run it again while training goes on). The plot: label fidelity over the real rate, and realism (FD
 ratio, log scale), against the run's training minutes, with the targets drawn in.
+
+--rare CLASS: does augmenting a rare class help? For each k, the class is cut to k training films (val and test
+untouched), the generator is trained on that split, sample.py draws synthetic films of the class (--n-synthetic),
+and evaluate.py trains classifiers on real vs real + synthetic and scores them on the real test films: the class's
+AUC and sensitivity at --specificity, with 95% intervals over test resampling and classifier seeds. Rows go to
+<out-dir>/rare.csv, the plot (AUC against k) to <out-dir>/rare.png. Rerunnable: finished parts are reused.
 """
 import argparse
 import glob
@@ -21,6 +28,7 @@ from PIL import Image, ImageDraw
 
 import evaluate
 import sample
+import train
 from model import HelpFormatter
 
 FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # issue targets: fidelity >= 0.9 x real, FD <= 3 x the real floor
@@ -58,43 +66,124 @@ def score(args):
               f"{row['fidelity_over_real_worst']:.3f}, FD ratio {row['fd_ratio']:.2f} -> {csv}")
 
 
-def plot(csvs, labels, out, W=560, H=300, pad=60):
-    """Two panels side by side, drawn with PIL: y = fidelity over real (linear) and FD ratio (log), x = minutes."""
-    runs = [pd.read_csv(c).sort_values("minutes") for c in csvs]
-    xmax = max(r["minutes"].max() for r in runs) * 1.05
-    canvas = Image.new("RGB", (2 * W, H + 40), "white")
+def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
+    """Panels side by side, drawn with PIL. lines: (label, x, {column: y}, {column: (lo, hi)}); panels: (title,
+    column, y low, y high, log y, target or None). x is minutes from 0, or k on a log scale (log_x)."""
+    xs = np.concatenate([np.asarray(x, float) for _, x, _, _ in lines])
+    xlo, xhi = (xs.min() / 1.3, xs.max() * 1.3) if log_x else (0, xs.max() * 1.05)
+    fx = np.log if log_x else (lambda v: v)
+    canvas = Image.new("RGB", (len(panels) * W, H + 40), "white")
     draw = ImageDraw.Draw(canvas)
-    panels = [("label fidelity / real (worst class)", "fidelity_over_real_worst", 0.0, 1.1, False, FIDELITY_TARGET),
-              ("realism: FD / real floor (mean over classes, log)", "fd_ratio", 0.7,
-               max(50.0, max(r["fd_ratio"].max() for r in runs)), True, REALISM_TARGET)]
     for k, (title, col, lo, hi, log, target) in enumerate(panels):
         x0, y0, x1, y1 = k * W + pad, 25, (k + 1) * W - 15, H - 10
-        f = (lambda v: np.log(v)) if log else (lambda v: v)
-        X = lambda m: x0 + (x1 - x0) * m / xmax
+        f = np.log if log else (lambda v: v)
+        X = lambda m: x0 + (x1 - x0) * (fx(m) - fx(xlo)) / (fx(xhi) - fx(xlo))
         Y = lambda v: y1 - (y1 - y0) * (f(np.clip(v, lo, hi)) - f(lo)) / (f(hi) - f(lo))
         draw.rectangle([x0, y0, x1, y1], outline="black")
         draw.text((x0, 5), title, fill="black")
-        ticks = [v for v in (0.7, 1, 2, 3, 5, 10, 20, 50, 100) if lo <= v <= hi] if log else np.arange(0, 1.01, 0.2)
-        for v in ticks:
+        step = 0.2 if hi - lo > 0.5 else 0.05
+        yticks = ([v for v in (0.7, 1, 2, 3, 5, 10, 20, 50, 100) if lo <= v <= hi] if log
+                  else np.arange(np.ceil(lo / step - 1e-9) * step, hi + 1e-9, step))
+        for v in yticks:
             draw.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
-            draw.text((x0 - 40, Y(v) - 6), f"{v:g}", fill="black")
-        for m in np.arange(0, xmax, 10 if xmax > 40 else 5):  # round minutes
+            draw.text((x0 - 40, Y(v) - 6), f"{v:.3g}", fill="black")
+        xticks = sorted(set(xs)) if log_x else np.arange(0, xhi, 10 if xhi > 40 else 5)  # k as drawn; round minutes
+        for m in xticks:
             draw.line([X(m), y1, X(m), y1 + 4], fill="black")
             draw.text((X(m) - 8, y1 + 6), f"{m:.0f}", fill="black")
-        draw.text(((x0 + x1) // 2 - 60, y1 + 20), "training minutes", fill="black")
-        draw.line([x0, Y(target), x1, Y(target)], fill=(150, 150, 150), width=1)
-        draw.text((x1 - 45, Y(target) - 14), "target", fill=(120, 120, 120))
-        for i, r in enumerate(runs):
-            pts = [(X(m), Y(v)) for m, v in zip(r["minutes"], r[col])]
-            draw.line(pts, fill=COLORS[i % len(COLORS)], width=2) if len(pts) > 1 else None
-            for px, py in pts:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=COLORS[i % len(COLORS)])
+        draw.text(((x0 + x1) // 2 - 60, y1 + 20), xlabel, fill="black")
+        if target is not None:
+            draw.line([x0, Y(target), x1, Y(target)], fill=(150, 150, 150), width=1)
+            draw.text((x1 - 45, Y(target) - 14), "target", fill=(120, 120, 120))
+        for i, (label, x, ys, bars) in enumerate(lines):
+            color = COLORS[i % len(COLORS)]
+            ok = [n for n, v in enumerate(ys[col]) if np.isfinite(v)]  # a figure that could not be computed: no point
+            pts = [(X(np.asarray(x)[n]), Y(np.asarray(ys[col])[n])) for n in ok]
+            draw.line(pts, fill=color, width=2) if len(pts) > 1 else None
+            for n, (px, py) in zip(ok, pts):
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+                b_lo, b_hi = (np.asarray(b)[n] for b in bars[col]) if bars else (np.nan, np.nan)
+                if np.isfinite(b_lo) and np.isfinite(b_hi):  # the 95% interval, nudged sideways so lines do not hide it
+                    draw.line([px + 3 * i, Y(b_lo), px + 3 * i, Y(b_hi)], fill=color, width=1)
             if k == 0:
-                draw.text((x0 + 10, y1 - 16 - 14 * (len(runs) - 1 - i)), labels[i], fill=COLORS[i % len(COLORS)])
+                draw.text((x0 + 10, y1 - 16 - 14 * (len(lines) - 1 - i)), label, fill=color)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     canvas.save(out + ".tmp", format="PNG")
     os.replace(out + ".tmp", out)
     print(f"curve.py: wrote {out}")
+
+
+def plot(csvs, labels, out):
+    """Label fidelity over real (linear) and FD ratio (log) against training minutes, one line per run."""
+    runs = [pd.read_csv(c).sort_values("minutes") for c in csvs]
+    chart([(lab, r["minutes"], r, None) for lab, r in zip(labels, runs)],
+          [("label fidelity / real (worst class)", "fidelity_over_real_worst", 0.0, 1.1, False, FIDELITY_TARGET),
+           ("realism: FD / real floor (mean over classes, log)", "fd_ratio", 0.7,
+            max(50.0, max(r["fd_ratio"].max() for r in runs)), True, REALISM_TARGET)], "training minutes", out)
+
+# -----------------------------------------------------------------------------
+# --rare: does augmenting a rare class with synthetic films help a classifier on real test films?
+
+
+def cut_rare(data_dir, out, rare, k, seed):
+    """data_dir with the rare class's training films cut to k, drawn at random; val, test and the cache untouched.
+    -> (films of the rare class kept, films of the largest other class)"""
+    df = pd.read_csv(os.path.join(data_dir, "train.csv"))
+    rows = df.index[df["label"] == rare]
+    if k != "all" and not (k.isdigit() and 1 <= int(k) <= len(rows)):
+        raise SystemExit(f"curve.py: error: --k {k}: a number from 1 to {len(rows)} ({rare} training films), or all")
+    keep = rows if k == "all" else np.random.default_rng(seed).choice(rows, int(k), replace=False)
+    os.makedirs(out, exist_ok=True)
+    df.drop(rows.difference(keep)).to_csv(os.path.join(out, "train.csv.tmp"), index=False)
+    os.replace(os.path.join(out, "train.csv.tmp"), os.path.join(out, "train.csv"))
+    for name in ("val.csv", "test.csv", "cache.npy"):  # the same real films and cache rows: links, not copies
+        if os.path.exists(os.path.join(data_dir, name)) and not os.path.lexists(os.path.join(out, name)):
+            os.symlink(os.path.abspath(os.path.join(data_dir, name)), os.path.join(out, name))
+    return len(keep), df[df["label"] != rare]["label"].value_counts().max()
+
+
+def rare(args):
+    if args.rare not in evaluate.CLASSES:
+        raise SystemExit(f"curve.py: error: --rare {args.rare}: unknown class; choose from {', '.join(evaluate.CLASSES)}")
+    if not os.path.exists(os.path.join(args.data_dir, "train.csv")):
+        raise SystemExit(f"curve.py: error: --data-dir {args.data_dir}: no train.csv (run prepare_data.py first)")
+    size = args.size or train.cache_size(args.data_dir) or 32
+    run_tag = f"run-{args.balance}-{args.max_steps}"  # the generator's settings; sample/evaluate settings below
+    rows = []
+    for k in args.k:
+        base = os.path.join(args.out_dir, f"k{k}")
+        n_real, n_other = cut_rare(args.data_dir, os.path.join(base, "data"), args.rare, k, args.seed)
+        run = os.path.join(base, run_tag)
+        train.main(["--data-dir", os.path.join(base, "data"), "--out-dir", run, "--resume", "--max-steps",
+                    str(args.max_steps), "--batch-size", str(args.train_batch_size), "--balance", args.balance])
+        n = args.n_synthetic or max(n_other - n_real, n_real)  # default: as many as the largest other class has
+        samples = os.path.join(run, f"samples-w{args.guidance:g}-n{n}")
+        if not os.path.exists(os.path.join(samples, "manifest.csv")):
+            sample.main(["--ckpt", run, "--class", args.rare, "--n", str(n), "--guidance", str(args.guidance),
+                         "--out", samples, "--overwrite", "--batch-size", str(args.batch_size)])
+        R = evaluate.main(["--data-dir", os.path.join(base, "data"), "--samples", samples, "--size", str(size),
+                           "--out", os.path.join(base, "report"), "--utility-seeds", str(args.utility_seeds),
+                           "--specificity", str(args.specificity), "--synthetic-share", str(args.synthetic_share),
+                           "--filter", args.filter])
+        U, P = R["utility"], R["per_class"][args.rare]
+        rows.append({"k": n_real, "n_synthetic": R["settings"]["n_synthetic_used"], "guidance": args.guidance,
+                     "synthetic_share": args.synthetic_share, "filter": args.filter, "generator": run_tag,
+                     "fidelity": P["fidelity"], "fd_ratio": P["fd_ratio"], "memorized": P["memorized"] / P["n_synthetic"],
+                     **{f"{m} {q}{end}": U[m][args.rare][q + end] for m in ("train", "train+synth", "diff")
+                        for q in ("auc", "sens") for end in ("", "_lo", "_hi")}})
+    table = pd.DataFrame(rows)
+    table.to_csv(os.path.join(args.out_dir, "rare.csv.tmp"), index=False)
+    os.replace(os.path.join(args.out_dir, "rare.csv.tmp"), os.path.join(args.out_dir, "rare.csv"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    bars = lambda m: {q: (table[f"{m} {q}_lo"], table[f"{m} {q}_hi"]) for q in ("auc", "sens")}
+    lines = [(name, table["k"], {q: table[f"{m} {q}"] for q in ("auc", "sens")}, bars(m))
+             for name, m in (("real", "train"), ("real + synthetic", "train+synth"))]
+    low = np.nanmin(table[[f"{m} {q}_lo" for m in ("train", "train+synth") for q in ("auc", "sens")]].to_numpy())
+    low = min(0.9, max(0.0, np.floor(10 * low) / 10)) if np.isfinite(low) else 0.0
+    chart(lines, [(f"{args.rare}: AUC on real test films", "auc", low, 1.0, False, None),
+                  (f"{args.rare}: sensitivity at specificity {args.specificity:g}", "sens", low, 1.0, False, None)],
+          f"{args.rare} training films k (log scale)", os.path.join(args.out_dir, "rare.png"), log_x=True)
+    return table
 
 
 def main(argv=None):
@@ -103,7 +192,7 @@ def main(argv=None):
     # ---- score a run ----
     p.add_argument("--run", help="run folder with snapshots/ (train.py --snapshot-every)")
     p.add_argument("--data-dir", help="prepare_data.py output the run was trained on")
-    p.add_argument("--size", type=int, default=32, help="image size for evaluate.py")
+    p.add_argument("--size", type=int, default=None, help="image size for evaluate.py (default: the cache's)")
     p.add_argument("--n", type=int, default=200, help="synthetic images per class and snapshot")
     p.add_argument("--sampler", default="ddim-2m", help="sample.py --sampler")
     p.add_argument("--steps", type=int, default=None, help="sample.py --steps (default: the sampler's)")
@@ -115,6 +204,20 @@ def main(argv=None):
     p.add_argument("--plot", nargs="+", metavar="CSV", help="curve.csv files to draw into one figure")
     p.add_argument("--labels", nargs="+", help="legend entries for --plot (default: the run folder names)")
     p.add_argument("--out", default="curve.png", help="the figure --plot writes")
+    # ---- the rare-class benchmark (with --data-dir; --guidance and --batch-size as above) ----
+    p.add_argument("--rare", metavar="CLASS", help="the class to cut to k training films and augment")
+    p.add_argument("--k", nargs="+", default=["32", "64", "128", "256", "all"], help="training films of the class kept")
+    p.add_argument("--out-dir", default="runs/rare", help="one folder per k: the cut data, the generator, samples, report")
+    p.add_argument("--max-steps", type=int, default=4000, help="train.py --max-steps of each generator")
+    p.add_argument("--train-batch-size", type=int, default=32, help="train.py --batch-size of each generator")
+    p.add_argument("--balance", default="none", help="train.py --balance of each generator")
+    p.add_argument("--n-synthetic", type=int, default=0, help="synthetic films added (0: as many as the largest other "
+                   "class has, minus k; at least k)")
+    p.add_argument("--synthetic-share", type=float, default=0.0, help="evaluate.py --synthetic-share")
+    p.add_argument("--filter", default="none", help="evaluate.py --filter")
+    p.add_argument("--specificity", type=float, default=0.9, help="evaluate.py --specificity")
+    p.add_argument("--utility-seeds", type=int, default=3, help="evaluate.py --utility-seeds")
+    p.add_argument("--seed", type=int, default=0, help="which k films are kept")
     args = p.parse_args(argv)
     if args.plot:
         missing = [c for c in args.plot if not os.path.exists(c)]
@@ -124,8 +227,12 @@ def main(argv=None):
         if len(labels) != len(args.plot):
             raise SystemExit(f"curve.py: error: --labels: {len(labels)} labels for {len(args.plot)} files")
         return plot(args.plot, labels, args.out)
+    if args.rare and args.data_dir:
+        return rare(args)
     if not args.run or not args.data_dir:
-        raise SystemExit("curve.py: error: give --run and --data-dir to score a run, or --plot CSV... to draw")
+        raise SystemExit("curve.py: error: give --run and --data-dir to score a run, --rare and --data-dir for the "
+                         "rare-class benchmark, or --plot CSV... to draw")
+    args.size = args.size or train.cache_size(args.data_dir) or 32
     score(args)
 
 

@@ -143,10 +143,24 @@ def predict(net, x, batch_size, device):
     return torch.cat(probs).double().numpy(), torch.cat(feats).double().numpy()
 
 
-def fit(x, y, xv, yv, args, tag, out, seed, digests):
-    """Class-balanced sampling; keep the epoch with the lowest class-balanced val loss; cached by data+settings hash."""
+def draw_weights(y, n_real, share):
+    """(N,) chance of each image per draw: every class the same total (NIH is ~84% No Finding). Rows from n_real on
+    are synthetic: with share > 0 they take that share of their class's draws, whatever their number."""
+    synthetic = np.arange(len(y)) >= n_real
+    counts, real, synth = (np.bincount(y[m], minlength=K) for m in (np.ones_like(synthetic), ~synthetic, synthetic))
+    w = 1.0 / counts[y]
+    if share > 0:
+        both = ((real > 0) & (synth > 0))[y]
+        w = np.where(both, np.where(synthetic, share / np.maximum(synth, 1)[y], (1 - share) / np.maximum(real, 1)[y]), w)
+    return w / w.sum()
+
+
+def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
+    """Class-balanced sampling; keep the epoch with the lowest class-balanced val loss; cached by data+settings hash.
+    n_real: rows past it are synthetic; with --synthetic-share s, they get s of their class's draws, the real ones 1-s."""
+    n_real, share = len(x) if n_real is None else n_real, args.synthetic_share if n_real is not None else 0
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
-                  lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]))
+                  lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share)
     torch.manual_seed(seed)
     net = make_cnn(args.width)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
@@ -160,8 +174,7 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests):
         return net.to(args.device).eval(), True
     g = torch.Generator().manual_seed(seed)
     net.to(args.device)
-    counts = np.bincount(y, minlength=K)
-    w = torch.from_numpy(1.0 / counts[y])  # every class equally likely per draw: NIH is ~84% No Finding
+    w = torch.from_numpy(draw_weights(y, n_real, share))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epoch_steps or math.ceil(len(x) / args.batch_size)
     best, best_state, bad = np.inf, None, 0
@@ -205,6 +218,20 @@ def auc(score, pos):
 
 def per_class_auc(probs, y):
     return np.array([auc(probs[:, c], y == c) for c in range(K)])
+
+
+def sensitivity_at(score, pos, specificity):
+    """Share of positives above the threshold that keeps `specificity` of the negatives at or below it; nan if a side
+    is empty. What a screening classifier is judged by: how many cases it finds at a fixed false-alarm rate."""
+    pos = np.asarray(pos, bool)
+    if pos.all() or not pos.any():
+        return float("nan")
+    return float((score[pos] > np.quantile(score[~pos], specificity, method="inverted_cdf")).mean())
+
+
+def class_scores(probs, y, specificity):
+    """(2K,): every class's one-vs-rest AUC, then its sensitivity at the given specificity"""
+    return np.concatenate([per_class_auc(probs, y), [sensitivity_at(probs[:, c], y == c, specificity) for c in range(K)]])
 
 
 def sqrtm_psd(a):
@@ -295,26 +322,30 @@ def nearest(q, ref, device, chunk=512):
     return torch.cat(sims).double().numpy(), torch.cat(idxs).numpy()
 
 
-def bootstrap_auc(models, y, n_boot, seed):
+def bootstrap_auc(models, y, n_boot, seed, specificity=0.9):
     """models: name -> list of probs (N, K), one per training seed. Each resample draws the test images with
     replacement and one seed per model, so the 95% interval holds test sampling and training noise. The point is
-    the mean over seeds. 'diff' pairs models[1] - models[0] on the same test resample."""
+    the mean over seeds. 'diff' pairs models[1] - models[0] on the same test resample. Per class and macro:
+    auc, auc_lo, auc_hi, and the sensitivity at `specificity`: sens, sens_lo, sens_hi."""
     names = list(models)
-    point = {m: np.mean([per_class_auc(p, y) for p in ps], 0) for m, ps in models.items()}
+    point = {m: np.mean([class_scores(p, y, specificity) for p in ps], 0) for m, ps in models.items()}
     rng, reps = np.random.default_rng(seed), {m: [] for m in names}
     for _ in tqdm(range(n_boot), desc="bootstrap", leave=False):
         i = rng.integers(0, len(y), len(y))
         for m in names:
-            reps[m].append(per_class_auc(models[m][rng.integers(len(models[m]))][i], y[i]))
-    reps = {m: np.array(r) for m, r in reps.items()}  # (n_boot, K)
+            reps[m].append(class_scores(models[m][rng.integers(len(models[m]))][i], y[i], specificity))
+    reps = {m: np.array(r) for m, r in reps.items()}  # (n_boot, 2K)
     point["diff"], reps["diff"] = point[names[1]] - point[names[0]], reps[names[1]] - reps[names[0]]
     res = {}
     for m in point:
-        est, draws = np.append(point[m], np.nanmean(point[m])), np.column_stack([reps[m], np.nanmean(reps[m], 1)])
+        with_macro = lambda v: np.concatenate([v[..., :K], np.nanmean(v[..., :K], -1, keepdims=True),
+                                               v[..., K:], np.nanmean(v[..., K:], -1, keepdims=True)], -1)
+        est, draws = with_macro(point[m]), with_macro(reps[m])  # (2K + 2,): K AUCs, macro, K sensitivities, macro
         ok = ~np.isnan(est)  # a class absent from test has no AUC
         lo, hi = np.full(len(est), np.nan), np.full(len(est), np.nan)
         lo[ok], hi[ok] = np.nanpercentile(draws[:, ok], [2.5, 97.5], axis=0)
-        res[m] = {name: {"auc": est[c], "lo": lo[c], "hi": hi[c]} for c, name in enumerate(CLASSES + ["macro"])}
+        res[m] = {name: {f"{q}{end}": v[c + (K + 1) * (q == "sens")] for q in ("auc", "sens")
+                         for end, v in (("", est), ("_lo", lo), ("_hi", hi))} for c, name in enumerate(CLASSES + ["macro"])}
     return res
 
 
@@ -378,6 +409,11 @@ def get_parser():
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples behind the utility intervals")
     p.add_argument("--utility-seeds", type=int, default=3, help="training seeds per utility classifier")
     p.add_argument("--no-utility", action="store_true", help="skip training on train+synthetic and synthetic only")
+    p.add_argument("--specificity", type=float, default=0.9, help="utility: sensitivity is read at this specificity")
+    p.add_argument("--synthetic-share", type=float, default=0.0, help="utility: share of a class's draws given to its "
+                   "synthetic images (0: as many as they are, like real ones)")
+    p.add_argument("--filter", default="none", choices=["none", "recognised", "new", "both"], help="utility: use only "
+                   "synthetic images the reference classifier calls their class (recognised), not flagged as memorized (new), or both")
     p.add_argument("--pairs", type=int, default=8, help="closest synthetic/train pairs drawn in closest_pairs.png")
     # ---- system ----
     p.add_argument("--seed", type=int, default=0, help="seed for training, subsampling and the bootstrap")
@@ -449,10 +485,14 @@ def write_report(R, args, out):
           f" about {MIN_PCT:g}% is expected even of new images. See closest_pairs.png and memorization.csv.\n"]
     if R["utility"]:
         U = R["utility"]
+        pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
         md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
-               f"resamples of the test images and {U['seeds']} training seeds per classifier.\n",
-               table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic"],
-                     [[c] + [ci(U[m][c] | {"mean": U[m][c]["auc"]}, 1, 3) for m in ("train", "train+synth", "synth", "diff")]
+               f"resamples of the test images and {U['seeds']} training seeds per classifier; "
+               f"{n['n_synthetic_used']} of the {n['n_synthetic']} synthetic images used (--filter {args.filter}).\n",
+               table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic",
+                      f"sensitivity at specificity {args.specificity:g}: real / + synthetic / gain"],
+                     [[c] + [ci(pick(U[m][c], "auc"), 1, 3) for m in ("train", "train+synth", "synth", "diff")]
+                      + [" / ".join(ci(pick(U[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
                       for c in list(P) + ["macro"] if U["train"][c]["auc"] is not None])]
     replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
     return "\n".join(md)
@@ -468,6 +508,8 @@ def main(argv=None):
     for flag in ("size", "repeats", "utility_seeds", "n_boot", "batch_size", "epochs", "max_n"):
         if getattr(args, flag) < (2 if flag == "max_n" else 1):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: too small")
+    if not (0 < args.specificity < 1 and 0 <= args.synthetic_share < 1):
+        die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1) and [0, 1)")
     set_threads(torch.device(args.device))  # the free cores: oversubscribed CPU threads run many times slower
     out, B, dev, t_start, rng = Path(args.out), args.batch_size, args.device, time.time(), np.random.default_rng(args.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -524,12 +566,17 @@ def main(argv=None):
     R["utility"] = None
     if not args.no_utility:
         seeds = [args.seed + k for k in range(args.utility_seeds)]  # seed 0 of "real" is the reference classifier
-        sets = {"real": (xtr, ytr), "train+synth": (np.concatenate([xtr, xs]), np.concatenate([ytr, ys])), "synth": (xs, ys)}
-        probs = {m: [predict(fit(x, y, xva, yva, args, m, out, sd, digests)[0], xte, B, dev)[0] for sd in seeds]
-                 for m, (x, y) in sets.items()}
+        keep = {"none": np.ones(len(xs), bool), "recognised": p_s.argmax(1) == ys, "new": ~mem["flag"],
+                "both": (p_s.argmax(1) == ys) & ~mem["flag"]}[args.filter]  # which synthetic images may be used
+        xk, yk = xs[keep], ys[keep]
+        sets = {"real": (xtr, ytr, None), "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]), len(xtr)),
+                "synth": (xk, yk, None)}
+        probs = {m: [predict(fit(x, y, xva, yva, args, m, out, sd, digests, n)[0], xte, B, dev)[0] for sd in seeds]
+                 for m, (x, y, n) in sets.items()}
         probs["train"] = probs.pop("real")
-        R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
-                        **bootstrap_auc({m: probs[m] for m in ("train", "train+synth", "synth")}, yte, args.n_boot, args.seed)}
+        R["settings"]["n_synthetic_used"] = int(keep.sum())
+        R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds), **bootstrap_auc(
+            {m: probs[m] for m in ("train", "train+synth", "synth")}, yte, args.n_boot, args.seed, args.specificity)}
 
     # ---- 5. report
     R["seconds"] = time.time() - t_start

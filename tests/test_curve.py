@@ -1,4 +1,6 @@
 """curve.py: every EMA snapshot of a run scored once through sample.py + evaluate.py, then drawn."""
+import os
+
 import pandas as pd
 import pytest
 from PIL import Image
@@ -33,6 +35,30 @@ def test_scores_each_snapshot_once_and_plots_runs_side_by_side(tmp_path, fast_ev
     png = tmp_path / "figs" / "curve.png"
     curve.main(["--plot", str(run / "curve.csv"), str(run / "curve.csv"), "--labels", "a", "b", "--out", str(png)])
     assert Image.open(png).size == (2 * 560, 300 + 40)
+
+
+def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path, fast_evaluate):
+    data = make_data(tmp_path / "d", counts=(8, 0, 0, 0, 8, 0))
+    argv = ["--rare", "Pneumonia", "--data-dir", data, "--k", "3", "all", "--out-dir", str(tmp_path / "rare"),
+            "--max-steps", "2", "--train-batch-size", "4", "--utility-seeds", "1", "--batch-size", "8"]
+    table = curve.main(argv)
+    cut = pd.read_csv(tmp_path / "rare" / "k3" / "data" / "train.csv")
+    assert (cut["label"] == "Pneumonia").sum() == 3 and (cut["label"] == "No Finding").sum() == 8  # only the rare class
+    for split in ("val", "test"):  # untouched
+        assert pd.read_csv(tmp_path / "rare" / "k3" / "data" / f"{split}.csv").equals(pd.read_csv(f"{data}/{split}.csv"))
+    assert table["k"].tolist() == [3, 8] and table["n_synthetic"].tolist() == [5, 8]  # balance the classes; else k
+    for col in ("train auc", "train+synth auc", "diff auc", "train sens", "train+synth sens_lo", "memorized"):
+        assert table[col].notna().all()
+    assert (table["train auc_lo"] <= table["train auc"]).all() and (table["train auc"] <= table["train auc_hi"]).all()
+    assert pd.read_csv(tmp_path / "rare" / "rare.csv").shape == table.shape
+    assert Image.open(tmp_path / "rare" / "rare.png").size == (2 * 560, 340)
+    manifest = pd.read_csv(tmp_path / "rare" / "k3" / "run-none-2" / "samples-w1.25-n5" / "manifest.csv")
+    assert set(manifest["label"]) == {"Pneumonia"} and (manifest["synthetic"] == 1).all()
+    mtime = os.path.getmtime(tmp_path / "rare" / "k3" / "run-none-2" / "ckpt.pt")
+    curve.main(argv)  # run again: the generators and samples are reused
+    assert os.path.getmtime(tmp_path / "rare" / "k3" / "run-none-2" / "ckpt.pt") == mtime
+    with pytest.raises(SystemExit, match="--k 99: a number from 1 to 8"):
+        curve.main(argv[:4] + ["--k", "99"])
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

@@ -202,7 +202,7 @@ def test_utility_intervals_hold_test_resampling_and_training_seeds(data, tmp_pat
     assert set(U) == {"n_boot", "seeds", "train", "train+synth", "synth", "diff"} and U["seeds"] == 2
     for m in ("train", "train+synth", "synth"):
         for name in CLASSES + ["macro"]:
-            assert U[m][name]["lo"] <= U[m][name]["auc"] <= U[m][name]["hi"]
+            assert U[m][name]["auc_lo"] <= U[m][name]["auc"] <= U[m][name]["auc_hi"]
     gain = U["train+synth"]["macro"]["auc"] - U["train"]["macro"]["auc"]
     assert U["diff"]["macro"]["auc"] == pytest.approx(gain, abs=1e-3)
     assert len(list((out / "classifiers").glob("*.pt"))) == 3 * 2  # three classifiers, two seeds each
@@ -219,9 +219,9 @@ def test_bootstrap_interval_widens_with_training_noise():
     noisy = [clean + rng.normal(0, s, clean.shape) for s in (0.0, 0.8, 1.6)]  # three seeds that disagree
     one = evaluate.bootstrap_auc({"a": [clean], "b": [clean]}, y, 300, 0)
     many = evaluate.bootstrap_auc({"a": noisy, "b": noisy}, y, 300, 0)
-    width = lambda r: r["a"]["macro"]["hi"] - r["a"]["macro"]["lo"]
+    width = lambda r: r["a"]["macro"]["auc_hi"] - r["a"]["macro"]["auc_lo"]
     assert width(many) > 1.5 * width(one)
-    assert one["diff"]["macro"]["auc"] == 0 and one["diff"]["macro"]["lo"] == one["diff"]["macro"]["hi"] == 0
+    assert one["diff"]["macro"]["auc"] == 0 and one["diff"]["macro"]["auc_lo"] == one["diff"]["macro"]["auc_hi"] == 0
 
 
 def test_changed_training_data_retrains(data, tmp_path):
@@ -260,3 +260,35 @@ def test_bad_input_is_one_clear_error_line(data, tmp_path, monkeypatch):
         run(data, good, tmp_path / "r", "--repeats", "0")
     with pytest.raises(SystemExit, match="no class of the synthetic images has >= 4 real val"):
         run(data, write_samples(tmp_path / "one", x[:1], y[:1]), tmp_path / "r")
+
+
+# ---- the rare-class utility: sensitivity at a fixed specificity, how synthetic images are weighed and filtered ----
+
+def test_sensitivity_at_a_fixed_specificity():
+    neg, pos = np.arange(10) / 10, np.array([0.05, 0.85, 0.95, 0.99])  # the 90% specificity threshold is 0.8
+    score, is_pos = np.concatenate([neg, pos]), np.r_[np.zeros(10, bool), np.ones(4, bool)]
+    assert evaluate.sensitivity_at(score, is_pos, 0.9) == 0.75  # 3 of 4 above every negative but the top one
+    assert evaluate.sensitivity_at(score, is_pos, 0.5) == 0.75 and np.isnan(evaluate.sensitivity_at(neg, neg > 2, 0.9))
+
+
+def test_synthetic_share_sets_their_part_of_the_class_draws():
+    y = np.r_[np.zeros(30, int), np.ones(10, int), np.ones(50, int)]  # 30 real class 0, 10 real + 50 synthetic class 1
+    for share, synthetic_part in ((0.0, 50 / 60), (0.25, 0.25), (0.5, 0.5)):
+        w = evaluate.draw_weights(y, 40, share)
+        assert w[:30].sum() == pytest.approx(0.5) and w[30:].sum() == pytest.approx(0.5)  # classes stay balanced
+        assert w[40:].sum() / 0.5 == pytest.approx(synthetic_part)
+        assert np.ptp(w[30:40]) == 0 and np.ptp(w[40:]) == 0  # alike within real and within synthetic
+
+
+def test_filter_new_drops_copies_of_training_images_from_the_utility_arms(data, tmp_path):
+    x, y, _ = evaluate.load_split(data, "train", SIZE)
+    fresh, fy = draw_set([3] * 6, np.random.default_rng(9))
+    samples = write_samples(tmp_path / "mix", np.concatenate([x[::8], fresh]), np.concatenate([y[::8], fy]))
+    argv = ["--epochs", "1", "--epoch-steps", "5", "--n-boot", "20", "--utility-seeds", "1", "--specificity", "0.8"]
+    R = evaluate.main(["--data-dir", str(data), "--samples", str(samples), "--out", str(tmp_path / "r"), "--size",
+                       str(SIZE), "--width", "8", "--batch-size", "32", "--repeats", "5", "--device", "cpu", *argv,
+                       "--filter", "new"])
+    assert R["settings"]["n_synthetic_used"] == len(fresh) + len(x[::8]) - R["memorization"]["flagged"]
+    assert R["memorization"]["flagged"] >= len(x[::8]) - 1  # the copies are flagged and left out
+    assert 0 <= R["utility"]["train"]["macro"]["sens"] <= 1
+    assert "sensitivity at specificity 0.8" in (tmp_path / "r" / "report.md").read_text()

@@ -54,6 +54,14 @@ def test_class_label_changes_the_output_and_null_class_is_valid():
         unet(xt[:1], t[:1], class_labels=torch.tensor([model.NULL_CLASS + 1]))
 
 
+def test_shift_divides_every_snr_and_stays_a_diffusers_schedule():
+    linear, shifted = model.make_schedule().alphas_cumprod.double(), model.make_schedule(shift=2.0).alphas_cumprod.double()
+    snr = lambda a: a / (1 - a)
+    assert torch.allclose(snr(shifted), snr(linear) / 4, rtol=1e-4)  # SNR / shift^2 at every t
+    ddim = model.SAMPLERS["ddim"](model.make_schedule("v_prediction", 2.0).config)  # built from the config alone
+    assert torch.allclose(ddim.alphas_cumprod.double(), shifted) and ddim.config.prediction_type == "v_prediction"
+
+
 def test_forward_process_matches_the_formula_and_diffusers():
     alpha_bar = model.make_schedule().alphas_cumprod
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # Ho et al. linear schedule, by hand
@@ -156,10 +164,25 @@ class GaussianEps(torch.nn.Module):
         return UNet2DOutput(sample=(1 - a).sqrt() * (x - a.sqrt() * self.M) / (a * self.S ** 2 + 1 - a))
 
 
-@pytest.mark.parametrize("sampler, steps, lo", [("ddim-2m", 25, 0.97), ("ddim-2m", 10, 0.9), ("ddim", 25, 0.8),
-                                                ("dpm++", 25, 0.85), ("ddpm", 1000, 0.97)])
-def test_samplers_draw_the_mean_and_spread_of_a_known_gaussian(sampler, steps, lo):
-    x = model.sample(GaussianEps(), torch.zeros(64, dtype=torch.long), sampler, steps)  # (64, 1, 16, 16)
+class GaussianV(GaussianEps):
+    """The same perfect denoiser on a shifted schedule, saying v = sqrt(a) eps - sqrt(1 - a) x0 instead of eps."""
+    schedule = model.make_schedule("v_prediction", shift=2.0)
+    alpha_bar = schedule.alphas_cumprod
+
+    def forward(self, x, t, class_labels):
+        a, eps = self.alpha_bar[int(t)], super().forward(x, t, class_labels).sample
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return UNet2DOutput(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
+
+
+@pytest.mark.parametrize("oracle, sampler, steps, lo", [
+    (GaussianEps, "ddim-2m", 25, 0.97), (GaussianEps, "ddim-2m", 10, 0.9), (GaussianEps, "ddim", 25, 0.8),
+    (GaussianEps, "dpm++", 25, 0.85), (GaussianEps, "ddpm", 1000, 0.97),
+    # v on the shifted schedule: the last even step of ddim starts noisier, so it blurs more (0.68 S at 25 steps)
+    (GaussianV, "ddim-2m", 25, 0.97), (GaussianV, "ddim-2m", 10, 0.9), (GaussianV, "ddim", 50, 0.8),
+    (GaussianV, "ddpm", 1000, 0.97)])
+def test_samplers_draw_the_mean_and_spread_of_a_known_gaussian(oracle, sampler, steps, lo):
+    x = model.sample(oracle(), torch.zeros(64, dtype=torch.long), sampler, steps, schedule=getattr(oracle, "schedule", None))
     assert x.mean().item() == pytest.approx(GaussianEps.M, abs=0.01)
     assert lo * GaussianEps.S < x.std().item() < 1.07 * GaussianEps.S  # blurred at worst, never much noisier than the data
     assert (x.abs() > 0.99).float().mean() < 0.005  # no saturation: the data itself has 0.16% of pixels past 0.99
