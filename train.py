@@ -30,8 +30,8 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (AUTO, CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
-                   HelpFormatter, add_noise, build_unet, export_pretrained, load_checkpoint, loss_weights, make_schedule,
-                   pick_preset, sample, save_checkpoint, set_threads, target, unet_config)
+                   HelpFormatter, add_noise, auto_amp, build_unet, export_pretrained, load_checkpoint, loss_weights,
+                   make_schedule, pick_preset, sample, save_checkpoint, set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -45,15 +45,6 @@ WARMUP_SHARE = 80   # default --warmup-steps: max-steps / 80, at most 1000 (seed
 
 def die(msg):
     raise SystemExit(f"train.py: error: {msg}")
-
-
-def auto_amp(device):
-    """--amp auto: bf16 where the GPU has bf16 tensor cores (compute capability >= 8.0: Ampere on), else fp16 with a
-    GradScaler; fp32 on the CPU. Not torch.cuda.is_bf16_supported(): it is also true where bf16 is only emulated
-    (V100, T4), much slower than fp16 there, and its including_emulation=False is not in every torch we support."""
-    if device.type != "cuda":
-        return "off"
-    return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 def get_parser():

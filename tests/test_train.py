@@ -327,9 +327,9 @@ def test_amp_auto_takes_bf16_only_on_gpus_with_bf16_cores(monkeypatch, capabilit
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true on a V100 / T4 too (emulated)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     monkeypatch.setattr(torch.version, "hip", None)
-    assert train.auto_amp(torch.device("cuda")) == amp
-    assert train.auto_amp(torch.device("cuda", 0)) == amp
-    assert train.auto_amp(torch.device("cpu")) == "off"  # the CPU trains in fp32 unless --amp bf16
+    assert model.auto_amp(torch.device("cuda")) == amp  # train.py --amp auto, sample.py and bench.py all ask it
+    assert model.auto_amp(torch.device("cuda", 0)) == amp
+    assert model.auto_amp(torch.device("cpu")) == "off"  # the CPU trains in fp32 unless --amp bf16
 
 
 def test_fp16_on_the_cpu_is_a_one_line_error(tmp_path):
