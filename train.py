@@ -335,7 +335,10 @@ def main(argv=None):
     if ckpt is not None:
         unet.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
+        ckpt["optimizer"]["param_groups"] = opt.state_dict()["param_groups"]  # this run's fused, weight_decay: not the saved
         opt.load_state_dict(ckpt["optimizer"])
+        for p, s in opt.state.items():  # Adam moments in their weight's layout (a channels_last run saved them, or not)
+            s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if k != "step"})
         if ckpt["scaler"]:  # empty when saved without fp16
             scaler.load_state_dict(ckpt["scaler"])
         start, seen, train_s = ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)

@@ -56,6 +56,21 @@ def run(data, out, *flags):
 def sd_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+def stop_after(steps, monkeypatch, data, out, *flags):
+    """A run stopped by SIGTERM during step `steps` (the handler finishes the step and saves)."""
+    real_ema_update, calls = train.ema_update, []
+
+    def ema_update_then_sigterm(ema, net, decay):
+        real_ema_update(ema, net, decay)
+        calls.append(decay)
+        if len(calls) == steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "ema_update", ema_update_then_sigterm)
+    run(data, out, *flags)
+    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    assert model.load_checkpoint(str(out))["step"] == steps
+
 # -----------------------------------------------------------------------------
 # the small functions: LR, EMA, label dropout, data order, batches
 
@@ -183,18 +198,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     flags = ["--max-steps", "6", "--batch-size", "4", "--grad-accum", "2", "--warmup-steps", "2",
              "--balance", "sqrt", "--cond-drop", "0.5", "--lr", "1e-3", "--ema-decay", "0.5", "--save-every", "2"]
     run(data, tmp_path / "straight", *flags)
-    # the same run, stopped by SIGTERM after step 3 (the handler finishes the step and saves), then resumed
-    real_ema_update, calls = train.ema_update, []
-
-    def ema_update_then_sigterm(ema, net, decay):
-        real_ema_update(ema, net, decay)
-        calls.append(decay)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train, "ema_update", ema_update_then_sigterm)
-    run(data, tmp_path / "stopped", *flags)
-    assert model.load_checkpoint(str(tmp_path / "stopped"))["step"] == 3
-    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    stop_after(3, monkeypatch, data, tmp_path / "stopped", *flags)  # the same run, stopped after step 3, then resumed
     train.main(["--resume", "--out-dir", str(tmp_path / "stopped")])  # every other flag comes from the checkpoint
     a, b = model.load_checkpoint(str(tmp_path / "straight")), model.load_checkpoint(str(tmp_path / "stopped"))
     assert b["step"] == 6
@@ -345,17 +349,7 @@ def train_stop_resume(tmp_path, monkeypatch, *flags):
     flags = ["--max-steps", "4", "--batch-size", "4", "--warmup-steps", "1", "--lr", "1e-3", "--log-every", "1",
              "--eval-every", "2", "--sample-every", "4", "--sample-per-class", "1", *flags]
     run(data, tmp_path / "straight", *flags)
-    real_ema_update, calls = train.ema_update, []
-
-    def ema_update_then_sigterm(ema, net, decay):
-        real_ema_update(ema, net, decay)
-        calls.append(decay)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train, "ema_update", ema_update_then_sigterm)
-    run(data, tmp_path / "stopped", *flags)
-    assert model.load_checkpoint(str(tmp_path / "stopped"))["step"] == 2
-    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    stop_after(2, monkeypatch, data, tmp_path / "stopped", *flags)
     unet, _ = train.main(["--resume", "--out-dir", str(tmp_path / "stopped")])
     a, b = model.load_checkpoint(str(tmp_path / "straight")), model.load_checkpoint(str(tmp_path / "stopped"))
     assert a["step"] == b["step"] == 4
@@ -401,6 +395,34 @@ def test_fast_path_channels_last_and_fused_adamw_on_the_cpu_trains_and_resumes(t
     unet, _ = run(make_data(tmp_path / "d1"), tmp_path / "plain", "--max-steps", "1", "--batch-size", "4")
     assert all(p.is_contiguous() for p in unet.parameters())
     assert not model.load_checkpoint(str(tmp_path / "plain"))["optimizer"]["param_groups"][0]["fused"]
+
+
+@pytest.mark.skipif(torch.__version__ < (2, 4), reason="fused AdamW on a CPU needs torch >= 2.4 (train.py says so)")
+def test_resume_across_the_gpu_path_continues_the_run_with_this_runs_optimizer(tmp_path, monkeypatch):
+    """A GPU checkpoint (channels_last Adam moments, fused AdamW in its param_groups) resumed on a CPU, and a CPU one
+    resumed on the GPU path (--fast-path stands in for both): each ends where the uninterrupted run it began as ends,
+    to float tolerance (its last 2 of 4 steps ran on the other path, which rounds differently: ~1e-6 here). Before, the
+    first was off by 1.7e-3 (moments read in the wrong layout), the second lost fused AdamW, and a new --weight-decay
+    on resume was ignored."""
+    data = make_data(tmp_path / "d")
+    flags = ["--max-steps", "4", "--batch-size", "4", "--warmup-steps", "1", "--lr", "1e-3", "--save-every", "2"]
+    for kind, fast in (("gpu", ["--fast-path"]), ("cpu", [])):
+        run(data, tmp_path / kind, *flags, *fast)
+        stop_after(2, monkeypatch, data, tmp_path / f"{kind}-switched", *flags, *fast)
+    ckpt = model.load_checkpoint(str(tmp_path / "gpu-switched"))
+    moments = [v for s in ckpt["optimizer"]["state"].values() for v in (s["exp_avg"], s["exp_avg_sq"]) if v.dim() == 4]
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in moments)  # saved in NHWC, really
+    assert not all(v.is_contiguous() for v in moments)
+    ckpt["args"]["fast_path"] = False  # as a CUDA run's checkpoint reads on a CPU
+    model.save_checkpoint(str(tmp_path / "gpu-switched" / "ckpt.pt"), ckpt)
+    train.main(["--resume", "--out-dir", str(tmp_path / "gpu-switched")])
+    train.main(["--resume", "--out-dir", str(tmp_path / "cpu-switched"), "--fast-path"])
+    for kind, fused in (("gpu", False), ("cpu", True)):
+        a, b = model.load_checkpoint(str(tmp_path / kind)), model.load_checkpoint(str(tmp_path / f"{kind}-switched"))
+        assert b["step"] == 4 and max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-5
+        assert bool(b["optimizer"]["param_groups"][0]["fused"]) == fused  # this run's device decides
+    train.main(["--resume", "--out-dir", str(tmp_path / "cpu-switched"), "--max-steps", "5", "--weight-decay", "0.3"])
+    assert model.load_checkpoint(str(tmp_path / "cpu-switched"))["optimizer"]["param_groups"][0]["weight_decay"] == 0.3
 
 
 @pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="torch.compile of the tiny UNet takes ~150 s on this "
