@@ -9,7 +9,7 @@ Train the class-conditional DDPM on prepared chest X-rays (prepare_data.py outpu
 Writes into --out-dir: ckpt.pt (model, EMA, optimizer, step, RNG: all --resume needs), metrics.csv,
 samples_step{N:06d}.png (EMA samples, one row per class), snapshots/ (--snapshot-every, for curve.py), and the
 export: unet/ + scheduler/ + README.md (a model card), loadable with diffusers alone.
-Ctrl-C or SIGTERM: finish the step, save, exit 0.
+Ctrl-C or SIGTERM (once or repeated): finish the step, save, exit 0; a second Ctrl-C aborts.
 """
 import argparse
 import copy
@@ -389,10 +389,10 @@ def main(argv=None):
     stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit 0
 
     def on_signal(signum, frame):
-        if stop:  # a second one quits at once, without saving
-            raise KeyboardInterrupt
+        if stop and signum == signal.SIGINT:  # a second Ctrl-C quits at once, without saving; a repeated SIGTERM
+            raise KeyboardInterrupt  # (SLURM's, then torchrun's forwarded one) still saves
         stop.append(signum)
-        tqdm.write(f"train.py: signal {signum}: finishing the step, saving, exiting (again to abort)")
+        tqdm.write(f"train.py: signal {signum}: finishing the step, saving, exiting (Ctrl-C again to abort)")
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     # ---- the loop ----

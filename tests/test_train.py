@@ -58,14 +58,15 @@ def sd_equal(a, b):
 
 
 def stop_after(steps, monkeypatch, data, out, *flags):
-    """A run stopped by SIGTERM during step `steps` (the handler finishes the step and saves)."""
+    """A run sent SIGTERM twice (SLURM's and torchrun's) during step `steps`: it finishes the step and saves."""
     real_ema_update, calls = train.ema_update, []
 
     def ema_update_then_sigterm(ema, net, decay):
         real_ema_update(ema, net, decay)
         calls.append(decay)
         if len(calls) == steps:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # raise_signal runs the handler before it returns: two calls, not one
+            signal.raise_signal(signal.SIGTERM)
     monkeypatch.setattr(train, "ema_update", ema_update_then_sigterm)
     run(data, out, *flags)
     monkeypatch.setattr(train, "ema_update", real_ema_update)
@@ -307,7 +308,8 @@ def test_two_process_ddp_ends_with_identical_weights_and_one_set_of_outputs(tmp_
     assert model.load_checkpoint(str(out))["samples_seen"] == 3 * 4 * 2 * 2  # steps x batch x accum x ranks
 
 
-def test_sigterm_mid_run_saves_a_loadable_checkpoint_and_exits_0(tmp_path):
+def test_sigterm_twice_mid_run_saves_the_step_reached_and_exits_0(tmp_path):
+    """SLURM signals the job step and torchrun forwards it: a second SIGTERM must not abort (only a 2nd Ctrl-C may)."""
     data, out = make_data(tmp_path / "d"), tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-u", "train.py", "--data-dir", data, "--out-dir", str(out), *TINY,
                           "--max-steps", "100000", "--batch-size", "4", "--log-every", "1", "--save-every", "0"],
@@ -316,10 +318,15 @@ def test_sigterm_mid_run_saves_a_loadable_checkpoint_and_exits_0(tmp_path):
         if line.startswith("step "):  # training is under way
             p.send_signal(signal.SIGTERM)
             break
+    for line in p.stdout:
+        if "finishing the step" in line:  # the first one was handled: the second cannot merge with it
+            p.send_signal(signal.SIGTERM)
+            break
     rest = p.communicate(timeout=120)[0]
     assert p.returncode == 0, rest
     ckpt = model.load_checkpoint(str(out))
-    assert 1 <= ckpt["step"] < 100000
+    last_logged = int(re.findall(r"^step (\d+) \| loss", rest, re.M)[-1])
+    assert 1 <= ckpt["step"] == last_logged < 100000 and f"train.py: step {ckpt['step']}: wrote" in rest
     assert os.path.isfile(out / "unet" / "config.json")
 
 # -----------------------------------------------------------------------------
