@@ -143,15 +143,17 @@ def predict(net, x, batch_size, device):
     return torch.cat(probs).double().numpy(), torch.cat(feats).double().numpy()
 
 
-def fit(x, y, xv, yv, args, tag, out, seed):
+def fit(x, y, xv, yv, args, tag, out, seed, digests):
     """Class-balanced sampling; keep the epoch with the lowest class-balanced val loss; cached by data+settings hash."""
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
                   lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]))
     torch.manual_seed(seed)
     net = make_cnn(args.width)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
-    for a in (x, y, xv, yv):
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # no copy: x is ~1 GB at NIH scale
+    for a in (x, y, xv, yv):  # each array hashed once per run, not per classifier; kept beside its digest: no id reuse
+        if id(a) not in digests:  # no copy: x is ~1 GB at NIH scale
+            digests[id(a)] = a, hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).digest()
+        h.update(digests[id(a)][1])
     path = out / "classifiers" / f"{tag}-{h.hexdigest()[:16]}.pt"
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
@@ -258,9 +260,12 @@ def diversity(f, max_n, rng):
 
 def grain(x):
     """(N, H, W) uint8 -> (N,) mean |Laplacian| in [-1, 1] units: the fine grain of each image (noise scores high)."""
-    x = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5  # (N, H, W)
-    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
-    return lap.abs().mean((1, 2)).numpy()
+    out = []
+    for i in range(0, len(x), CHUNK):  # a whole split in float would be 5-6 GB at 256 px on NIH
+        t = torch.from_numpy(np.ascontiguousarray(x[i:i + CHUNK])).float() / 127.5  # (B, H, W)
+        lap = 4 * t[:, 1:-1, 1:-1] - t[:, :-2, 1:-1] - t[:, 2:, 1:-1] - t[:, 1:-1, :-2] - t[:, 1:-1, 2:]
+        out.append(lap.abs().mean((1, 2)))
+    return torch.cat(out).numpy()
 
 
 def unit_rows(f, mu=None):
@@ -475,7 +480,8 @@ def main(argv=None):
     R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs)}}
 
     # ---- 1. reference classifier, trained on real train only: the ceiling for everything below
-    net, cached = fit(xtr, ytr, xva, yva, args, "real", out, args.seed)
+    digests = {}  # fit() hashes each distinct array once
+    net, cached = fit(xtr, ytr, xva, yva, args, "real", out, args.seed, digests)
     (_, f_tr), (_, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
     mu, scale = f_tr.mean(0), np.sqrt(f_tr.var(0).mean())  # centred, in units of their spread on real train: KID's
     f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # cubic kernel needs an O(1) scale
@@ -519,7 +525,7 @@ def main(argv=None):
     if not args.no_utility:
         seeds = [args.seed + k for k in range(args.utility_seeds)]  # seed 0 of "real" is the reference classifier
         sets = {"real": (xtr, ytr), "train+synth": (np.concatenate([xtr, xs]), np.concatenate([ytr, ys])), "synth": (xs, ys)}
-        probs = {m: [predict(fit(x, y, xva, yva, args, m, out, sd)[0], xte, B, dev)[0] for sd in seeds]
+        probs = {m: [predict(fit(x, y, xva, yva, args, m, out, sd, digests)[0], xte, B, dev)[0] for sd in seeds]
                  for m, (x, y) in sets.items()}
         probs["train"] = probs.pop("real")
         R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),

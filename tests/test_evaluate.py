@@ -1,4 +1,5 @@
 """evaluate.py on a tiny made-up dataset whose classes are easy: class c is a bright blob at its own spot."""
+import hashlib
 import json
 import sys
 import types
@@ -137,10 +138,10 @@ def test_real_images_come_from_cache_or_pngs_in_chunks(data, tmp_path, monkeypat
     x_png, y_png, _ = evaluate.load_split(make_data(tmp_path / "nocache", cache=False), "test", SIZE)
     assert x.shape == (150, SIZE, SIZE) and np.array_equal(x, x_png) and np.array_equal(y, y_png)
     assert list(names[:2]) == list(pd.read_csv(data / "test.csv")["image_index"][:2])
-    whole, px = evaluate.load_split(data, "test", 8)[0], evaluate.pixels(x)
+    whole, px, grain = evaluate.load_split(data, "test", 8)[0], evaluate.pixels(x), evaluate.grain(x)
     monkeypatch.setattr(evaluate, "CHUNK", 7)  # NIH scale is read and reduced a chunk at a time: same result
     assert whole.shape == (150, 8, 8) and np.array_equal(evaluate.load_split(data, "test", 8)[0], whole)
-    assert torch.equal(evaluate.pixels(x), px)
+    assert torch.equal(evaluate.pixels(x), px) and np.array_equal(evaluate.grain(x), grain) and grain.shape == (150,)
 
 
 # ---- end to end ----
@@ -189,8 +190,10 @@ def test_copies_of_training_images_are_flagged(data, tmp_path):
     assert (mem["pixel_corr"] > 0.9999).all() and mem["flagged"].all()
 
 
-def test_utility_intervals_hold_test_resampling_and_training_seeds(data, tmp_path):
+def test_utility_intervals_hold_test_resampling_and_training_seeds(data, tmp_path, monkeypatch):
     x, y = draw_set([6] * 6, np.random.default_rng(5))
+    hashed, real_sha256 = [], hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda data=b"": hashed.append(memoryview(data).nbytes) or real_sha256(data))
     out = tmp_path / "report"
     argv = ["--data-dir", str(data), "--samples", str(write_samples(tmp_path / "s", x, y)), "--out", str(out),
             "--size", str(SIZE), "--width", "8", "--epochs", "2", "--epoch-steps", "10", "--n-boot", "40",
@@ -203,6 +206,8 @@ def test_utility_intervals_hold_test_resampling_and_training_seeds(data, tmp_pat
     gain = U["train+synth"]["macro"]["auc"] - U["train"]["macro"]["auc"]
     assert U["diff"]["macro"]["auc"] == pytest.approx(gain, abs=1e-3)
     assert len(list((out / "classifiers").glob("*.pt"))) == 3 * 2  # three classifiers, two seeds each
+    # the real training images are hashed once, not again for each of the 1 + 2 classifiers trained on them
+    assert hashed.count(sum(N_SPLIT["train"]) * SIZE * SIZE) == 1
     assert "2 training seeds" in (out / "report.md").read_text()
 
 
