@@ -280,7 +280,7 @@ def targets(report):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if args.gpu_check:  # the README's GPU table; sampling batch 8 keeps DDPMPipeline's 1000 steps to ~1 min on an H100
+    if args.gpu_check:  # the README's GPU table; sampling batch 8: DDPMPipeline's 1000 steps in ~1 min (estimated)
         args.preset, args.image_size, args.batch_sizes, args.sample_batch = "base", 256, "8,32", 8
         args.compile = not args.quick
     if args.quick:
@@ -312,8 +312,16 @@ def main(argv=None):
     say(f"**{name}**, torch {torch.__version__}, {report['date']}: {args.preset} {args.image_size} px, "
         f"{flops / 1e9:.1f} GFLOP per forward, peak {peak} FLOP/s ({report['peak_source']})\n")
 
+    if args.gpu_check:  # first: whatever fails or runs out of time later, this part is in --out-dir
+        report["loop"] = loop = whole_loop(args, device)
+        say("| the whole loop on this device (its output: gpu_check.log) | seconds | exit |\n|---|---:|---:|")
+        for r in loop["commands"]:
+            say(f"| `python {r['command']}` | {r['seconds']:.0f} | {r['exit']} |")
+        if "loss" in loop:
+            say(f"\ntrain.py: loss {loop['loss'][0]:.4f} -> {loop['loss'][1]:.4f}, val loss {loop['val_loss'][0]:.4f} -> "
+                f"{loop['val_loss'][1]:.4f} (loss_curve.png, metrics.csv); EMA samples of the last step: samples.png")
     report["data"] = d = bench_data(args.png_images, args.image_size, batches[0])
-    say(f"data: PNG decode+resize {d['png_decode_img_s_per_worker']:.0f} img/s/worker, cache "
+    say(f"\ndata: PNG decode+resize {d['png_decode_img_s_per_worker']:.0f} img/s/worker, cache "
         f"{d['cache_img_s_per_worker']:.0f} img/s/worker: x{d['cache_over_png']:.0f}\n")
 
     report["train"] = []
@@ -338,14 +346,6 @@ def main(argv=None):
     for what, measured, goal in targets(report):
         say(f"| {what} | {measured} | {goal} |")
 
-    if args.gpu_check:
-        report["loop"] = loop = whole_loop(args, device)
-        say("\n| the whole loop on this device (its output: gpu_check.log) | seconds | exit |\n|---|---:|---:|")
-        for r in loop["commands"]:
-            say(f"| `python {r['command']}` | {r['seconds']:.0f} | {r['exit']} |")
-        if "loss" in loop:
-            say(f"\ntrain.py: loss {loop['loss'][0]:.4f} -> {loop['loss'][1]:.4f}, val loss {loop['val_loss'][0]:.4f} -> "
-                f"{loop['val_loss'][1]:.4f} (loss_curve.png, metrics.csv); EMA samples of the last step: samples.png")
     write(os.path.join(args.out_dir, "bench.json"), json.dumps(report, indent=1))
     print(f"wrote {args.out_dir}/bench.json and bench.md")
     return report
