@@ -325,7 +325,7 @@ def main(argv=None):
     if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
         die(f"--resume: {args.out_dir}/ckpt.pt holds another UNet (not --preset {args.preset}); use another --out-dir")
     gpu_path = cuda or args.fast_path  # --fast-path: the same layout and optimizer on the CPU, so tests run them
-    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # faster convs on tensor cores
+    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # bench's "+ channels_last" row decides
     unet = unet.to(device, memory_format=memory_format).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     try:  # fused: one kernel for all ~300 tensors
