@@ -1,13 +1,17 @@
 """
 bench.py - measured speed, as ratios taken in one run: data loading, the training step, sampling.
 
-    python bench.py --device cuda --preset base            # the README table: one GPU, 256x256, batch 8 and 32
-    python bench.py --device cuda --preset base --compile  # also torch.compile the fast training path
-    python bench.py --quick                                # tiny preset on the CPU in under a minute (smoke test)
+    python bench.py --gpu-check --out-dir gpu_check          # the README's GPU table + a 256 px training: < 8 min, H100/H200
+    python bench.py --device cuda --preset base --compile    # the training and sampling tables alone
+    python bench.py --quick                                  # tiny preset on the CPU in under a minute (smoke test)
 
-Prints a table and writes bench.json: every number, the device, the date, and the peak FLOP/s behind MFU.
-MFU = 3 x model.flops_per_image (forward + backward ~ 3 forwards) x images/s / the device's peak.
-Every row states its precision (fp32, bf16 or fp16 autocast); a configuration out of GPU memory is an "OOM" row.
+Writes into --out-dir: bench.json (every number, the device, the date, the peak FLOP/s behind MFU) and bench.md
+(the tables, as printed). Training rows switch on one speed-up each, cumulatively: fp32 eager, + autocast (bf16, or
+fp16 below compute capability 8.0, as train.py), + channels_last, + fused AdamW, + compile; every row times the step
+train.py runs. MFU = 3 x model.flops_per_image (forward + backward ~ 3 forwards) x img/s / the datasheet dense bf16
+peak. A configuration out of GPU memory is an "OOM" row. Issue 18's targets are printed beside the figures.
+--gpu-check adds the whole loop on this device: prepare_data.py --demo, a few hundred train.py steps, sample.py,
+with the sample grid, metrics.csv, loss_curve.png and gpu_check.log in --out-dir.
 """
 import argparse
 import copy
@@ -16,21 +20,24 @@ import gc
 import json
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import model
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s); --peak-tflops overrides
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}  # autocast dtype: name
+CONFIGS = ["fp32 eager", "+ autocast", "+ channels_last", "+ fused AdamW", "+ compile"]  # each adds one speed-up
 
 
 def get_parser():
@@ -42,14 +49,17 @@ def get_parser():
     p.add_argument("--image-size", type=int, default=256, help="image side in pixels")
     p.add_argument("--batch-sizes", default="8,32", help="training batch sizes, comma-separated")
     p.add_argument("--sample-batch", type=int, default=64, help="images per sampling batch")
-    p.add_argument("--compile", action="store_true", help="add torch.compile to the fast training path")
+    p.add_argument("--compile", action="store_true", help="add the + compile row at each batch size")
+    p.add_argument("--gpu-check", action="store_true", help="base, 256 px, batch 8 and 32, every row, sampling batch 8, "
+                   "then prepare_data.py --demo + train.py + sample.py on this device (with --quick: tiny, on a CPU)")
+    p.add_argument("--train-steps", type=int, default=300, help="--gpu-check: train.py steps of the whole loop")
     p.add_argument("--quick", action="store_true", help="tiny preset, 32 px, small batches: a CPU smoke test")
     # ---- measurement ----
     p.add_argument("--timed-steps", "--steps", type=int, default=20, help="timed training steps per configuration")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="steps of the ddpm sampler and of DDPMPipeline")
     p.add_argument("--png-images", type=int, default=64, help="PNGs written (1024x1024, like NIH) to time decoding")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for MFU (default: datasheet bf16)")
-    p.add_argument("--out", default="bench.json", help="where to write the numbers")
+    p.add_argument("--out-dir", default=".", help="where bench.json, bench.md (and --gpu-check's files) go")
     return p
 
 
@@ -85,6 +95,10 @@ def guarded(fn, device):
 def ratio(a, b):  # throughput of row a over row b, or "-" where either ran out of memory
     return f"x{a['img_s'] / b['img_s']:.2f}" if "img_s" in a and "img_s" in b else "-"
 
+
+def cell(r, key, spec):  # a figure, or "-" where the row has none (OOM, no GPU memory figure, no known peak)
+    return format(r[key], spec) if r and r.get(key) is not None else "-"
+
 # -----------------------------------------------------------------------------
 # 1. data: decoding a full-size PNG (what prepare_data.py does once per image) vs reading the uint8 cache
 
@@ -116,36 +130,40 @@ def bench_data(n_png, size, batch):
             "cache_over_png": cache_per_s / png_per_s}
 
 # -----------------------------------------------------------------------------
-# 2. the training step: the plain fp32 eager loop vs the fast path (bf16, channels_last, fused AdamW, compile)
+# 2. the training step train.py runs, with the speed-ups of CONFIGS[1:level + 1] switched on
 
 
-def bench_train(args, device, batch, fast, dtype, flops, peak):
+def bench_train(args, device, batch, level, dtype, flops, peak):
     torch._dynamo.reset()  # compile afresh per configuration: no dynamic-shape graph from another batch size
     torch.manual_seed(0)
-    unet = model.build_unet(args.image_size, args.preset).to(device).train()
-    cuda = device.type == "cuda"
-    if fast:  # as train.py on CUDA (and with --fast-path on a CPU)
-        unet = unet.to(memory_format=torch.channels_last)
-    fused = fast and (cuda or torch.__version__ >= (2, 4))  # fused AdamW on a CPU: torch >= 2.4
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused or None)
-    step_fn = torch.compile(unet) if fast and args.compile else unet
+    cuda, fmt = device.type == "cuda", torch.channels_last if level >= 2 else torch.contiguous_format
+    unet = model.build_unet(args.image_size, args.preset).to(device, memory_format=fmt).train()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    params, ema_params = list(unet.parameters()), list(ema.parameters())
+    fused = level >= 3 and (cuda or torch.__version__ >= (2, 4))  # fused AdamW on a CPU: torch >= 2.4
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)  # train.py's weight decay: AdamW's default
+    fwd = torch.compile(unet) if level >= 4 else unet
     amp = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
     alpha_bar = model.make_schedule().alphas_cumprod.to(device)
-    x0 = torch.randn(batch, 1, args.image_size, args.image_size, device=device)
-    y = torch.randint(0, model.NULL_CLASS + 1, (batch,), device=device)
+    weight = model.loss_weights(alpha_bar, "epsilon")  # train.py's default: Min-SNR-5, eps target
+    x0 = torch.randn(batch, 1, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, len(model.CLASSES), (batch,), device=device)
 
-    def step():  # the same work as one train.py step: noise, predict eps, MSE, backward, clip, AdamW
+    def step():  # train.py's step: noise, label dropout, Min-SNR-weighted MSE, backward, clip, AdamW, EMA
         t = torch.randint(0, model.NUM_TIMESTEPS, (batch,), device=device)
         eps = torch.randn_like(x0)
+        y_in = y.masked_fill(torch.rand(batch, device=device) < 0.1, model.NULL_CLASS)  # as train.drop_labels
         with amp:
-            loss = F.mse_loss(step_fn(model.add_noise(x0, eps, t, alpha_bar), t, class_labels=y).sample.float(), eps)
+            pred = fwd(model.add_noise(x0, eps, t, alpha_bar), t, class_labels=y_in).sample.float()
+        loss = (weight[t] * (pred - model.target(x0, eps, t, alpha_bar, "epsilon")).pow(2).mean((1, 2, 3))).mean()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema_params, params, 1e-4)  # as train.ema_update
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -156,7 +174,7 @@ def bench_train(args, device, batch, fast, dtype, flops, peak):
             "mfu": 3 * flops * img_s / peak if peak else None}
 
 # -----------------------------------------------------------------------------
-# 3. sampling: our loop (the default sampler with and without guidance; ddpm 1000) vs diffusers' DDPMPipeline
+# 3. sampling as sample.py does it (the default sampler with and without guidance; ddpm) vs diffusers' DDPMPipeline
 
 
 def bench_sample(args, device, batch, ddpm_steps, dtype):
@@ -165,14 +183,13 @@ def bench_sample(args, device, batch, ddpm_steps, dtype):
     labels = torch.arange(batch, device=device) % len(model.CLASSES)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     peer = copy.deepcopy(unet)  # DDPMPipeline, fp32, every step one conditional forward (the label is bound)
-    fast_unet = unet.to(memory_format=torch.channels_last)
     peer.forward = partial(peer.forward, class_labels=labels)
     pipe = DDPMPipeline(unet=peer, scheduler=model.make_schedule())
     pipe.set_progress_bar_config(disable=True)
 
-    def ours(sampler, w, n_steps):  # the fast path: channels_last, autocast
-        with torch.autocast(device.type, dtype=dtype):
-            model.sample(fast_unet, labels, sampler, n_steps, guidance=w, generators=gens)
+    def ours(sampler, w, n_steps):  # sample.py's autocast
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            model.sample(unet, labels, sampler, n_steps, guidance=w, generators=gens)
 
     def theirs(n_steps):
         pipe(batch_size=batch, num_inference_steps=n_steps, output_type="np")
@@ -188,9 +205,84 @@ def bench_sample(args, device, batch, ddpm_steps, dtype):
             lambda: {"img_s": batch / timed(partial(run, steps), device, 1, warmup=partial(run, 2))}, device)})
     return rows
 
+# -----------------------------------------------------------------------------
+# 4. --gpu-check: the whole loop on this device, as a user runs it (subprocesses: bench.py imports model.py alone)
+
+
+def draw_curve(csv, path, W=640, H=360, pad=50):
+    """train.py's metrics.csv -> loss and val loss against step, log y, drawn with PIL (as curve.py: no matplotlib).
+    Returns the first and last of each."""
+    m = np.genfromtxt(csv, delimiter=",", names=True)
+    lo, hi = np.log10(np.nanmin([m["loss"], m["val_loss"]])), np.log10(np.nanmax([m["loss"], m["val_loss"]]))
+    X = lambda s: pad + (W - 2 * pad) * s / m["step"].max()
+    Y = lambda v: H - pad - (H - 2 * pad) * (np.log10(v) - lo) / max(hi - lo, 1e-6)
+    im = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    draw.text((pad, 15), f"train.py loss (blue), val loss (red), log scale, steps 0-{m['step'].max():.0f}", fill="black")
+    for v in (10 ** lo, 10 ** hi):
+        draw.text((5, Y(v) - 6), f"{v:.3g}", fill="black")
+    for col, color in (("loss", (31, 119, 180)), ("val_loss", (214, 39, 40))):
+        ok = np.isfinite(m[col])
+        pts = list(zip(X(m["step"][ok]).tolist(), Y(m[col][ok]).tolist()))
+        draw.line(pts, fill=color, width=2) if len(pts) > 1 else None
+        for px, py in pts:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+    im.save(f"{path}.tmp", format="PNG")
+    os.replace(f"{path}.tmp", path)
+    return {col: m[col][np.isfinite(m[col])][[0, -1]].tolist() for col in ("loss", "val_loss")}
+
+
+def whole_loop(args, device):
+    """prepare_data.py --demo, train.py --train-steps steps, sample.py; their output streams into gpu_check.log (what
+    a run cut short by a time limit leaves is there); copies the grid and metrics.csv out, draws the loss curve."""
+    steps, dev, out, rows = args.train_steps, ["--device", device.type], args.out_dir, []
+    here = os.path.dirname(os.path.abspath(__file__))
+    # the data, ckpt.pt (1.8 GB at base) and the export stay out of --out-dir
+    with tempfile.TemporaryDirectory() as work, open(os.path.join(out, "gpu_check.log"), "w") as log:
+        data, run = os.path.join(work, "data"), os.path.join(work, "run")
+        for cmd in (["prepare_data.py", "--demo", "--out", data, "--size", str(args.image_size)],
+                    ["train.py", "--data-dir", data, "--out-dir", run, "--preset", args.preset, "--batch-size", "8",
+                     "--max-steps", str(steps), "--log-every", "10", "--eval-every", str(max(1, steps // 3)),
+                     "--sample-every", str(steps), "--save-every", str(steps), *dev],
+                    ["sample.py", "--ckpt", run, "--class", "all", "--n", "4", "--out", os.path.join(work, "s"), *dev]):
+            print(f"$ python {' '.join(cmd)}", file=log, flush=True)
+            t0 = time.perf_counter()
+            exit_code = subprocess.run([sys.executable, os.path.join(here, cmd[0]), *cmd[1:]], stdout=log,
+                                       stderr=subprocess.STDOUT).returncode
+            rows.append({"command": " ".join(cmd).replace(work, "$WORK"), "seconds": time.perf_counter() - t0,
+                         "exit": exit_code})
+            if exit_code:
+                return {"commands": rows}  # the log says why; bench.md shows the exit code
+        shutil.copy(os.path.join(run, "metrics.csv"), os.path.join(out, "metrics.csv"))
+        shutil.copy(os.path.join(run, f"samples_step{steps:06d}.png"), os.path.join(out, "samples.png"))
+    return {"commands": rows, **draw_curve(os.path.join(out, "metrics.csv"), os.path.join(out, "loss_curve.png"))}
+
+
+def write(path, text):  # whole or not at all: a temporary name, then renamed
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def targets(report):
+    """Issue 18's targets (one H100/H200, base UNet, 256 px) beside this run's figures; never asserted."""
+    best = {b: max([r for r in report["train"] if r["batch"] == b and "img_s" in r], key=lambda r: r["img_s"],
+                   default=None) for b in (8, 32)}
+    eager = next((r for r in report["train"] if r["batch"] == 32 and r["config"] == CONFIGS[0]), {})
+    s = report["sample"]
+    return [("MFU at batch 32, fastest row", cell(best[32], "mfu", ".1%"), ">= 45%"),
+            ("batch 32, fastest row over fp32 eager", ratio(best[32] or {}, eager), ">= x3"),
+            ("img/s at batch 8, fastest row", cell(best[8], "img_s", ".1f"), ">= 120"),
+            (f"sampling: {s[0]['sampler']} over {s[-1]['sampler']}", ratio(s[0], s[-1]),
+             ">= x40 at equal label fidelity (fidelity measured on a CPU at 32 px only: README)")]
+
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.gpu_check:  # the README's GPU table; sampling batch 8: DDPMPipeline's 1000 steps in ~1 min (estimated)
+        args.preset, args.image_size, args.batch_sizes, args.sample_batch = "base", 256, "8,32", 8
+        args.compile = not args.quick
     if args.quick:
         args.preset, args.image_size, args.batch_sizes, args.sample_batch = "tiny", 32, "8", 4
         args.timed_steps, args.png_images = min(args.timed_steps, 5), min(args.png_images, 16)
@@ -201,50 +293,61 @@ def main(argv=None):
     try:
         flops = model.flops_per_image(model.build_unet(args.image_size, args.preset), args.image_size)
         batches = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError as e:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"bench.py: error: {e}")
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # cuDNN times its conv algorithms per shape in the warm-ups
-    # the fast path's autocast, as train.py --amp auto: bf16 where the GPU has bf16 cores (and on the CPU), else fp16
-    cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
-    fast_dtype = torch.bfloat16 if torch.version.hip or cc >= (8, 0) else torch.float16
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py: cuDNN times its conv algorithms per shape
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(model.auto_amp(device))  # as train.py and sample.py
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
     report = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "preset": args.preset, "image_size": args.image_size, "flops_per_image_fwd": flops,
               "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "datasheet dense bf16"}
-    print(f"{name} | {args.preset} {args.image_size}px | {flops / 1e9:.1f} GFLOP per forward | peak {peak}")
+    md = []
 
-    report["data"] = bench_data(args.png_images, args.image_size, batches[0])
-    d = report["data"]
-    print(f"data   | PNG decode+resize {d['png_decode_img_s_per_worker']:.0f} img/s/worker | "
-          f"cache {d['cache_img_s_per_worker']:.0f} img/s/worker | x{d['cache_over_png']:.0f}")
+    def say(line):  # printed, and bench.md rewritten: a run cut short by a time limit leaves what it measured
+        print(line, flush=True)
+        md.append(line)
+        write(os.path.join(args.out_dir, "bench.md"), "\n".join(md) + "\n")
+    say(f"**{name}**, torch {torch.__version__}, {report['date']}: {args.preset} {args.image_size} px, "
+        f"{flops / 1e9:.1f} GFLOP per forward, peak {peak} FLOP/s ({report['peak_source']})\n")
+
+    if args.gpu_check:  # first: whatever fails or runs out of time later, this part is in --out-dir
+        report["loop"] = loop = whole_loop(args, device)
+        say("| the whole loop on this device (its output: gpu_check.log) | seconds | exit |\n|---|---:|---:|")
+        for r in loop["commands"]:
+            say(f"| `python {r['command']}` | {r['seconds']:.0f} | {r['exit']} |")
+        if "loss" in loop:
+            say(f"\ntrain.py: loss {loop['loss'][0]:.4f} -> {loop['loss'][1]:.4f}, val loss {loop['val_loss'][0]:.4f} -> "
+                f"{loop['val_loss'][1]:.4f} (loss_curve.png, metrics.csv); EMA samples of the last step: samples.png")
+    report["data"] = d = bench_data(args.png_images, args.image_size, batches[0])
+    say(f"\ndata: PNG decode+resize {d['png_decode_img_s_per_worker']:.0f} img/s/worker, cache "
+        f"{d['cache_img_s_per_worker']:.0f} img/s/worker: x{d['cache_over_png']:.0f}\n")
 
     report["train"] = []
+    say("| batch | training step | precision | ms/step | img/s | peak GiB | MFU | over fp32 eager |\n"
+        "|---:|---|---|---:|---:|---:|---:|---:|")
     for batch in batches:
-        for fast in (False, True):
-            dtype = fast_dtype if fast else None
-            r = {"batch": batch, "path": "fast" if fast else "fp32-eager", "precision": PRECISION[dtype],
-                 **guarded(partial(bench_train, args, device, batch, fast, dtype, flops, peak), device)}
+        for level, config in enumerate(CONFIGS[:5 if args.compile else 4]):
+            dtype = (amp or torch.bfloat16) if level else None  # the CPU: bf16 autocast, as train.py --amp bf16
+            r = {"batch": batch, "config": config, "precision": PRECISION[dtype],
+                 **guarded(partial(bench_train, args, device, batch, level, dtype, flops, peak), device)}
             report["train"].append(r)
-            mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "-"
-            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-            cols = r["error"] if "error" in r else (f"{r['ms_per_step']:8.1f} ms/step | {r['img_s']:8.1f} img/s | "
-                                                    f"mem {mem} | MFU {mfu}")
-            print(f"train  | batch {batch:3d} {r['path']:10s} {r['precision']:13s} | {cols}")
-        eager, fast = report["train"][-2:]
-        print(f"train  | batch {batch:3d} fast / fp32-eager: {ratio(fast, eager)}")
+            say(f"| {batch} | {config} | {r['precision']} | {r.get('error') or cell(r, 'ms_per_step', '.1f')} | "
+                f"{cell(r, 'img_s', '.1f')} | {cell(r, 'peak_mem_gib', '.1f')} | {cell(r, 'mfu', '.1%')} | "
+                f"{ratio(r, report['train'][-1 - level])} |")
 
-    report["sample"] = bench_sample(args, device, args.sample_batch, args.ddpm_steps, fast_dtype)
+    report["sample"] = bench_sample(args, device, args.sample_batch, args.ddpm_steps, amp)
+    say(f"\n| sampler, batch {args.sample_batch} | precision | img/s | over DDPMPipeline |\n|---|---|---:|---:|")
     for r in report["sample"]:
-        v = f"{r['img_s']:8.3f} img/s" if "img_s" in r else r["error"]
-        print(f"sample | batch {args.sample_batch} {r['sampler']:26s} {r['precision']:13s} | {v} | "
-              f"{ratio(r, report['sample'][-1])} DDPMPipeline")
+        say(f"| {r['sampler']} | {r['precision']} | {r.get('error') or cell(r, 'img_s', '.3f')} | "
+            f"{ratio(r, report['sample'][-1])} |")
+    say("\n| issue 18 target (one H100/H200, base, 256 px) | measured | target |\n|---|---:|---|")
+    for what, measured, goal in targets(report):
+        say(f"| {what} | {measured} | {goal} |")
 
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write(os.path.join(args.out_dir, "bench.json"), json.dumps(report, indent=1))
+    print(f"wrote {args.out_dir}/bench.json and bench.md")
     return report
 
 

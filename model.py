@@ -238,6 +238,16 @@ def set_threads(device):
     return torch.get_num_threads()
 
 
+def auto_amp(device):
+    """Autocast for train.py --amp auto, sample.py and bench.py: bf16 where the GPU has bf16 tensor cores (compute
+    capability >= 8.0: Ampere on; ROCm), else fp16 (train.py adds a GradScaler); fp32 ("off") on the CPU. Not
+    torch.cuda.is_bf16_supported(): it is also true where bf16 is only emulated (V100, T4), much slower than fp16
+    there, and its including_emulation=False is not in every torch we support."""
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: one file of plain tensors and Python types, so torch.load(weights_only=True) reads it and
 # no code inside a file a user was handed ever runs. Keys written by train.py:

@@ -9,7 +9,8 @@ Writes into --out: one 8-bit grayscale PNG per image, <class>_s<seed>_<index>.pn
 text chunks; grid_<class>.png per class (a preview, not in the manifest); manifest.csv with train.csv's columns
 plus synthetic=1 and the generation settings, so pd.concat([train, manifest]) is a ready augmentation set.
 Image i of class c with seed s starts from its own noise whatever --batch-size or the other classes sampled beside
-it: rerunning a command gives bitwise the same PNGs; another batch size the same image up to rare +-1 gray levels.
+it: rerunning a command gives bitwise the same PNGs; another batch size the same image up to rare +-1 gray levels
+(measured in fp32 on a CPU; on a GPU, other kernels per batch size and autocast can differ by more).
 """
 import argparse
 import hashlib
@@ -89,7 +90,8 @@ def main(argv=None):
     # ---- hardware ----
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (speed, memory)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="cuda if available, else cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on with CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast (default: on with CUDA: "
+                   "bf16 on GPUs with bf16 cores, fp16 below, as train.py; --amp on a CPU: bf16)")
     # ---- output ----
     p.add_argument("--out", default="samples/", help="folder for the PNGs, grids and manifest.csv")
     p.add_argument("--overwrite", action="store_true", help="allow an --out that already holds samples")
@@ -113,7 +115,7 @@ def main(argv=None):
     model.set_threads(device)  # the free cores: oversubscribed CPU threads run many times slower
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda: CUDA is not available here")
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    amp = "off" if args.amp is False else "bf16" if args.amp and device.type == "cpu" else model.auto_amp(device)
 
     # checkpoint: plain tensors only (weights_only inside model.load_checkpoint), hashed so every image names it
     try:
@@ -147,7 +149,7 @@ def main(argv=None):
 
     # sample: jobs from all classes are packed into full batches; each image's noise is its own
     settings = dict(sampler=sampler, steps=steps, guidance=args.guidance, seed=args.seed, checkpoint_sha256=sha)
-    text = {**SYNTHETIC, **settings, "weights": "model" if args.no_ema else "ema", "amp": "bf16" if amp else "fp32"}
+    text = {**SYNTHETIC, **settings, "weights": "model" if args.no_ema else "ema", "amp": amp.replace("off", "fp32")}
     jobs = [(c, i) for c in classes for i in range(args.n)]
     rows, previews = [], {c: [] for c in classes}
     t0, bar = time.time(), tqdm(total=len(jobs), desc=f"{sampler} {steps} steps w={args.guidance}", unit="img")
@@ -157,7 +159,7 @@ def main(argv=None):
         # each image owns a noise generator seeded by (seed, class, index) alone, so its batch never matters;
         # with i < MAX_N and fewer than 10 classes no two images of any run share a generator seed
         generators = [torch.Generator().manual_seed(args.seed * 1_000_003 + c * 100_003 + i) for c, i in batch]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off"):
             x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule)  # (B, 1, H, W), [-1, 1]
         pixels = ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()[:, 0]  # (B, H, W)
         for (c, i), im in zip(batch, pixels):

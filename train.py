@@ -9,7 +9,7 @@ Train the class-conditional DDPM on prepared chest X-rays (prepare_data.py outpu
 Writes into --out-dir: ckpt.pt (model, EMA, optimizer, step, RNG: all --resume needs), metrics.csv,
 samples_step{N:06d}.png (EMA samples, one row per class), snapshots/ (--snapshot-every, for curve.py), and the
 export: unet/ + scheduler/ + README.md (a model card), loadable with diffusers alone.
-Ctrl-C or SIGTERM: finish the step, save, exit 0.
+Ctrl-C or SIGTERM (once or repeated): finish the step, save, exit 0; a second Ctrl-C aborts.
 """
 import argparse
 import copy
@@ -30,8 +30,8 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (AUTO, CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
-                   HelpFormatter, add_noise, build_unet, export_pretrained, load_checkpoint, loss_weights, make_schedule,
-                   pick_preset, sample, save_checkpoint, set_threads, target, unet_config)
+                   HelpFormatter, add_noise, auto_amp, build_unet, export_pretrained, load_checkpoint, loss_weights,
+                   make_schedule, pick_preset, sample, save_checkpoint, set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -45,15 +45,6 @@ WARMUP_SHARE = 80   # default --warmup-steps: max-steps / 80, at most 1000 (seed
 
 def die(msg):
     raise SystemExit(f"train.py: error: {msg}")
-
-
-def auto_amp(device):
-    """--amp auto: bf16 where the GPU has bf16 tensor cores (compute capability >= 8.0: Ampere on), else fp16 with a
-    GradScaler; fp32 on the CPU. Not torch.cuda.is_bf16_supported(): it is also true where bf16 is only emulated
-    (V100, T4), much slower than fp16 there, and its including_emulation=False is not in every torch we support."""
-    if device.type != "cuda":
-        return "off"
-    return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 def get_parser():
@@ -323,6 +314,7 @@ def main(argv=None):
     autocast = partial(torch.autocast, device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")  # fp16 only: bf16 has fp32's range
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = cuda  # fixed shapes: cuDNN times its conv algorithms once and keeps the fastest
 
     # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
     torch.manual_seed(args.seed)
@@ -333,7 +325,7 @@ def main(argv=None):
     if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
         die(f"--resume: {args.out_dir}/ckpt.pt holds another UNet (not --preset {args.preset}); use another --out-dir")
     gpu_path = cuda or args.fast_path  # --fast-path: the same layout and optimizer on the CPU, so tests run them
-    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # faster convs on tensor cores
+    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # bench's "+ channels_last" row decides
     unet = unet.to(device, memory_format=memory_format).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     try:  # fused: one kernel for all ~300 tensors
@@ -344,14 +336,18 @@ def main(argv=None):
     if ckpt is not None:
         unet.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
+        ckpt["optimizer"]["param_groups"] = opt.state_dict()["param_groups"]  # this run's fused, weight_decay: not the saved
         opt.load_state_dict(ckpt["optimizer"])
+        for p, s in opt.state.items():  # Adam moments in their weight's layout (a channels_last run saved them, or not)
+            s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if k != "step"})
         if ckpt["scaler"]:  # empty when saved without fp16
             scaler.load_state_dict(ckpt["scaler"])
         start, seen, train_s = ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)
         set_rng_state(ckpt["rng"])
-    model = torch.compile(unet) if args.compile else unet  # unet stays uncompiled: no _orig_mod. in saved keys
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        ckpt = None  # its tensors now live in the model, EMA and optimizer: free the copies (~1.8 GB at base, per rank)
+    # compile(DDP(unet)), PyTorch's order: the all-reduce overlaps the backward; unet stays bare (saved keys: no prefix)
+    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None) if world > 1 else unet
+    model = torch.compile(model) if args.compile else model
     schedule = dict(prediction={"eps": "epsilon", "v": "v_prediction"}[args.prediction], shift=args.shift)
     noise_schedule = make_schedule(**schedule)
     alpha_bar = noise_schedule.alphas_cumprod.to(device)  # (1000,)
@@ -376,6 +372,10 @@ def main(argv=None):
     metrics = os.path.join(args.out_dir, "metrics.csv")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
+        if os.path.exists(metrics):  # rows logged after the checkpoint (a crash) are trained again: keep one per step
+            m = pd.read_csv(metrics, dtype=str, keep_default_na=False)  # as written: no float reformatting
+            m[m.step.astype(int) <= start].to_csv(f"{metrics}.tmp", index=False)
+            os.replace(f"{metrics}.tmp", metrics)
         print(f"train.py: {len(train_df)} train / {len(val_df)} val images, {size}px, preset {args.preset}, "
               f"{world} process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, steps {start}->{args.max_steps}, out {args.out_dir}")
 
@@ -395,10 +395,10 @@ def main(argv=None):
     stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit 0
 
     def on_signal(signum, frame):
-        if stop:  # a second one quits at once, without saving
-            raise KeyboardInterrupt
+        if stop and signum == signal.SIGINT:  # a second Ctrl-C quits at once, without saving; a repeated SIGTERM
+            raise KeyboardInterrupt  # (SLURM's, then torchrun's forwarded one) still saves
         stop.append(signum)
-        tqdm.write(f"train.py: signal {signum}: finishing the step, saving, exiting (again to abort)")
+        tqdm.write(f"train.py: signal {signum}: finishing the step, saving, exiting (Ctrl-C again to abort)")
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     # ---- the loop ----

@@ -106,6 +106,23 @@ def test_every_sampler_runs(ckpt, tmp_path, sampler):
     assert im.size == (32, 32) and im.getextrema()[0] < im.getextrema()[1]  # not a blank image
 
 
+@pytest.mark.parametrize("rule, flags, used", [("bf16", [], "bf16"), ("bf16", ["--no-amp"], "fp32"), ("off", ["--amp"], "bf16")])
+def test_autocast_follows_the_training_rule(ckpt, tmp_path, monkeypatch, rule, flags, used):
+    """By default sample.py autocasts as train.py --amp auto does: model.auto_amp (bf16 from compute capability 8.0,
+    fp16 below, fp32 on a CPU; tests/test_train.py mocks the capabilities). --no-amp: fp32; --amp on a CPU: bf16."""
+    dtypes, build = [], model.unet_from_checkpoint
+
+    def spy(*args, **kwargs):  # records the dtype the first conv computes in
+        unet = build(*args, **kwargs)
+        unet.conv_in.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+        return unet
+    monkeypatch.setattr(model, "unet_from_checkpoint", spy)
+    monkeypatch.setattr(model, "auto_amp", lambda device: rule)  # what the rule says for the device at hand
+    m = run(ckpt, tmp_path, "--class", "3", "--n", "1", *flags)
+    assert set(dtypes) == {torch.bfloat16 if used == "bf16" else torch.float32}
+    assert Image.open(m["path"][0]).text["amp"] == used
+
+
 @pytest.mark.parametrize("sampler", ["ddim-2m", "ddpm"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_unet_calls_per_image(ckpt, tmp_path, monkeypatch, sampler, guidance):
