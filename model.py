@@ -178,12 +178,11 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
     for i, t in enumerate(timesteps.tolist()):
         x_in = xt if scheduler is None else scheduler.scale_model_input(xt, t)
         if guidance == 1.0:  # plain conditional model: one forward, no doubled batch
-            eps = model(x_in, t, class_labels=labels).sample.float()
+            out = model(x_in, t, class_labels=labels).sample.float()  # eps or v
         else:  # classifier-free guidance: cond and null in one batched forward
-            eps_cond, eps_null = model(torch.cat([x_in, x_in]), t, class_labels=torch.cat([labels, null])).sample.float().chunk(2)
-            eps = eps_null + guidance * (eps_cond - eps_null)
-        if v:  # the model said v; eps = sqrt(1 - a_t) xt + sqrt(a_t) v (guidance is linear: the same in either)
-            eps = math.sqrt(1 - alpha_bar[t]) * xt + math.sqrt(alpha_bar[t]) * eps
+            out_cond, out_null = model(torch.cat([x_in, x_in]), t, class_labels=torch.cat([labels, null])).sample.float().chunk(2)
+            out = out_null + guidance * (out_cond - out_null)  # linear in the output: the same for eps and v
+        eps = math.sqrt(1 - alpha_bar[t]) * xt + math.sqrt(alpha_bar[t]) * out if v else out  # v -> eps
         if scheduler is not None:
             xt = scheduler.step(eps, t, xt, **extra).prev_sample
             continue
@@ -312,7 +311,7 @@ or share as synthetic (the code below writes `synthetic=1` into the PNG).
 - `scheduler/`: `{cls}` ("{sampler}") on the training schedule: {T} steps, {schedule}, timestep spacing
   "{spacing}", prediction_type "{prediction}". Any diffusers scheduler can be built from its config with `from_config`.
 - Pixels: the model works in [-1, 1]; 8-bit gray = round((x + 1) * 127.5).
-- Sampling: {steps} steps, classifier-free guidance w = {w}: eps = eps_null + w (eps_cond - eps_null). The project's
+- Sampling: {steps} steps, classifier-free guidance w = {w}: out = out_null + w (out_cond - out_null). The project's
   own sampler, ddim-2m, adds a second-order term to this DDIM step and needs about half the steps.
 - `unet/`, `scheduler/` and this card are the model; nothing else in this folder is needed to sample.
 
@@ -335,8 +334,8 @@ x = torch.randn(1, 1, size, size, generator=g) * scheduler.init_noise_sigma  # (
 with torch.no_grad():
     for t in scheduler.timesteps:  # the class and the null label in one batch of 2
         x_in = scheduler.scale_model_input(x, t).repeat(2, 1, 1, 1)
-        eps_cond, eps_null = unet(x_in, t, class_labels=labels).sample.chunk(2)
-        x = scheduler.step(eps_null + w * (eps_cond - eps_null), t, x{gen}).prev_sample
+        out_cond, out_null = unet(x_in, t, class_labels=labels).sample.chunk(2)  # {what}
+        x = scheduler.step(out_null + w * (out_cond - out_null), t, x{gen}).prev_sample
 gray = ((x.clamp(-1, 1)[0, 0] + 1) * 127.5).round().byte().numpy()  # (H, W) uint8
 info = PngImagePlugin.PngInfo()
 info.add_text("synthetic", "1")
@@ -359,6 +358,7 @@ def export_pretrained(model, out_dir, schedule=None):
                        T=c.num_train_timesteps, spacing=c.timestep_spacing, prediction=c.prediction_type,
                        schedule=f"betas linear {c.beta_start} to {c.beta_end}" if c.trained_betas is None else
                        "betas in `trained_betas` (linear 1e-4 to 0.02, shifted to lower SNR)",
+                       what="eps" if c.prediction_type == "epsilon" else "v",
                        predicts="the noise eps" if c.prediction_type == "epsilon" else
                        "v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0; the scheduler takes it as it is", steps=DEFAULT_STEPS[CARD_SAMPLER], w=DEFAULT_GUIDANCE,
                        null=NULL_CLASS, y=y, y_name=CLASSES[y], rows=rows,

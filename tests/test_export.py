@@ -61,24 +61,27 @@ def test_the_card_states_classes_null_label_pixels_and_the_warning(unet, tmp_pat
     assert f"w = {model.DEFAULT_GUIDANCE}" in card and f"{model.DEFAULT_STEPS[model.CARD_SAMPLER]} steps" in card
 
 
+@pytest.mark.parametrize("schedule", [{}, {"prediction": "v_prediction", "shift": 2.0}])
 @pytest.mark.parametrize("sampler", [name for name, make in model.SAMPLERS.items() if make is not None])
-def test_the_cards_sampling_code_gives_model_samples_images(sampler, unet, tmp_path, monkeypatch):
+def test_the_cards_sampling_code_gives_model_samples_images(sampler, schedule, unet, tmp_path, monkeypatch):
     """Whatever diffusers sampler the card uses, the card's code (exec'd as written, from the export folder) and
-    model.sample with the same sampler, steps, guidance and noise give the same image."""
+    model.sample with the same sampler, steps, guidance and noise give the same image: for an eps model on the
+    linear schedule and for a v model on a shifted one (the card hands diffusers v, model.sample converts it)."""
     monkeypatch.setattr(model, "CARD_SAMPLER", sampler)
     monkeypatch.setitem(model.DEFAULT_STEPS, sampler, 6)  # ddpm's 1000 steps would take a while
-    model.export_pretrained(unet, str(tmp_path))
+    schedule = model.make_schedule(**schedule)
+    model.export_pretrained(unet, str(tmp_path), schedule)
     monkeypatch.chdir(tmp_path)
     ns = {}
     exec(card_code(tmp_path), ns)  # the card's code imports torch, diffusers and PIL, nothing of this project
     y, w, seed = ns["y"], ns["w"], ns["seed"]
     assert w == model.DEFAULT_GUIDANCE and len(ns["scheduler"].timesteps) == 6
 
-    ref = model.sample(unet, torch.tensor([y]), sampler, 6, w, [torch.Generator().manual_seed(seed)])  # (1, 1, H, W)
+    ref = model.sample(unet, torch.tensor([y]), sampler, 6, w, [torch.Generator().manual_seed(seed)], schedule)  # (1, 1, H, W)
     assert torch.allclose(ns["x"].clamp(-1, 1), ref, atol=1e-5, rtol=0)
     png = Image.open(tmp_path / f"synthetic_class{y}_seed{seed}.png")
     assert png.mode == "L" and png.text["synthetic"] == "1"
     ref_gray = ((ref[0, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
     assert np.abs(np.asarray(png, dtype=int) - ref_gray).max() <= 1  # +-1 gray level at most: float rounding
-    unguided = model.sample(unet, torch.tensor([y]), sampler, 6, 1.0, [torch.Generator().manual_seed(seed)])
+    unguided = model.sample(unet, torch.tensor([y]), sampler, 6, 1.0, [torch.Generator().manual_seed(seed)], schedule)
     assert (ns["x"].clamp(-1, 1) - unguided).abs().max() > 1e-3  # so the comparison above could fail
