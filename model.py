@@ -114,7 +114,7 @@ def target(x0, eps, t, alpha_bar, prediction):
     return a.sqrt() * eps - (1 - a).sqrt() * x0
 
 
-def loss_weights(alpha_bar, prediction, loss="min-snr", gamma=5.0):
+def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=5.0):  # the defaults are train.py's
     """(1000,) weight of each t in the MSE. In x0 units an eps-MSE weighs t by SNR and a v-MSE by SNR + 1;
     Min-SNR-gamma (Hang et al. 2023) makes that min(SNR, gamma) for either, so the easy low-noise steps
     (SNR = alpha_bar / (1 - alpha_bar), 1e4 at t=0) do not pull the shared weights their way; mse weighs all t the same."""

@@ -69,9 +69,9 @@ def get_parser():
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for samples/export")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null label (classifier-free guidance)")
-    p.add_argument("--prediction", default="eps", help="what the UNet predicts: eps (the noise) | v (Salimans & Ho 2022)")
+    p.add_argument("--prediction", default="v", help="what the UNet predicts: v (Salimans & Ho 2022; measured, README) | eps (the noise, the seed's)")
     p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: DDPM's linear betas)")
-    p.add_argument("--loss", default="min-snr", help="MSE weighting over t: min-snr (Hang et al. 2023; measured, README) | mse (plain)")
+    p.add_argument("--loss", default="mse", help="MSE weighting over t: mse (plain; measured, README) | min-snr (Hang et al. 2023)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr: weight min(SNR(t), gamma) / SNR(t)")
     # ---- system ----
     p.add_argument("--amp", default="auto", help="auto|bf16|fp16|off (auto: bf16 on GPUs with bf16 cores, else fp16; CPU: fp32, or bf16)")
@@ -266,7 +266,8 @@ def main(argv=None):
             ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
         except ValueError as e:
             die(f"--resume: {e}")
-        parser.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out_dir")})
+        before_v = {"prediction": "eps", "shift": 1.0}  # what a checkpoint that does not record them was trained with
+        parser.set_defaults(**{**before_v, **{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out_dir")}})
         args = parser.parse_args(argv)
     for flag in ("batch_size", "max_steps", "grad_accum", "sample_per_class"):
         if getattr(args, flag) < 1:

@@ -255,12 +255,24 @@ def test_lr_and_warmup_defaults_follow_the_preset_and_run_length(tmp_path):
     data = make_data(tmp_path / "data")
     run(data, tmp_path / "run", "--max-steps", "160", "--batch-size", "2", "--log-every", "1")
     args = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]
-    assert (args["lr"], args["warmup_steps"], args["loss"]) == (train.PRESET_LR["tiny"], 2, "min-snr")
+    assert (args["lr"], args["warmup_steps"], args["loss"], args["prediction"]) == (train.PRESET_LR["tiny"], 2, "mse", "v")
     lr = pd.read_csv(tmp_path / "run" / "metrics.csv").lr
     assert lr[0] == pytest.approx(train.PRESET_LR["tiny"] / 2) and lr.max() == pytest.approx(train.PRESET_LR["tiny"])
     run(data, tmp_path / "run", "--max-steps", "161", "--resume")  # one more step, the run's own LR
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]["lr"] == train.PRESET_LR["tiny"]
     assert train.PRESET_LR["base"] == 1e-4 and min(1000, 100_000 // train.WARMUP_SHARE) == 1000  # the seed's, long runs
+
+
+def test_a_checkpoint_from_before_v_prediction_resumes_as_eps(tmp_path):
+    data, out = make_data(tmp_path / "data"), tmp_path / "run"
+    run(data, out, "--max-steps", "2", "--batch-size", "2", "--prediction", "eps")
+    ckpt = model.load_checkpoint(str(out))
+    del ckpt["schedule"], ckpt["args"]["prediction"], ckpt["args"]["shift"]  # as train.py wrote them before
+    model.save_checkpoint(out / "ckpt.pt", ckpt)
+    assert model.schedule_of(ckpt).config.prediction_type == "epsilon"  # sample.py reads it as eps
+    train.main(["--resume", "--out-dir", str(out), "--max-steps", "3"])
+    ckpt = model.load_checkpoint(str(out))
+    assert ckpt["step"] == 3 and ckpt["args"]["prediction"] == "eps" and ckpt["schedule"]["prediction"] == "epsilon"
 
 
 def test_first_step_ema_warmup_and_run_folder_guards(tmp_path):
