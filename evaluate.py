@@ -1,8 +1,7 @@
 """
 evaluate.py - are these synthetic chest X-rays fit to augment a dataset? One command, no radiologist, no downloads:
 
-    python evaluate.py --data-dir data/demo --samples samples/ --size 64 --out report/
-    python evaluate.py --data-dir data/nih --samples samples/ --size 128 --out report/ --no-utility
+    python evaluate.py --data-dir data/nih --samples samples/ --size 128 --out report/ [--no-utility]
 
 Per class, in the features of a small CNN trained on real train: label fidelity, size-matched realism (FD ratio,
 KID), diversity, noise-like and memorized images; and utility: AUC on real test of classifiers trained with and
@@ -41,18 +40,6 @@ def die(msg):
 # -----------------------------------------------------------------------------
 # data: real splits from cache.npy (or PNGs), synthetic images from manifest.csv
 
-def resize(im, size):  # as prepare_data.py; PIL returns a copy at the same size
-    return np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0), dtype=np.uint8)
-
-
-def read_pngs(paths, size, workers, desc):
-    def read(path):
-        with Image.open(path) as im:
-            return resize(im.convert("L"), size)
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL
-        return np.stack(list(tqdm(pool.map(read, paths), total=len(paths), desc=desc)))
-
-
 def load(csv, size, workers, missing, empty):
     """train/val/test.csv or manifest.csv -> x (N, size, size) uint8, y (N,) int64, the table. The images come from
     cache.npy beside the csv where every row has a cache_row, else from the PNGs (relative paths: from the csv)."""
@@ -61,13 +48,12 @@ def load(csv, size, workers, missing, empty):
     df = pd.read_csv(csv)
     if len(df) == 0:
         die(f"{csv}: {empty}")
-    for col in ("label", "path"):
-        if col not in df.columns:
-            die(f"{csv}: no column '{col}'")
-    unknown = sorted(set(df["label"].astype(str)) - set(CLASSES))
-    if unknown:
+    for col in sorted({"label", "path"} - set(df.columns)):
+        die(f"{csv}: no column '{col}'")
+    if unknown := sorted(set(df["label"].astype(str)) - set(CLASSES)):
         die(f"{csv}: unknown label '{unknown[0]}' (known: {', '.join(CLASSES)})")
     y = df["label"].astype(str).map(CLASSES.index).to_numpy(np.int64)
+    resize = lambda im: np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0))  # as prepare_data.py
     cache = csv.parent / "cache.npy"
     if cache.exists() and "cache_row" in df.columns and (df["cache_row"] >= 0).all():
         cache, rows = np.load(cache, mmap_mode="r"), df["cache_row"].to_numpy()
@@ -76,13 +62,14 @@ def load(csv, size, workers, missing, empty):
         x = np.empty((len(rows), size, size), np.uint8)
         for i in range(0, len(rows), CHUNK):  # reads only these rows, a chunk at a time
             chunk = cache[rows[i:i + CHUNK]]
-            x[i:i + CHUNK] = chunk if chunk.shape[1] == size else [resize(Image.fromarray(im), size) for im in chunk]
+            x[i:i + CHUNK] = chunk if chunk.shape[1] == size else [resize(Image.fromarray(im)) for im in chunk]
         return x, y, df
     df["path"] = [str(p if p.is_absolute() else csv.parent / p) for p in map(Path, df["path"].astype(str))]
-    for p in df["path"]:
-        if not os.path.exists(p):
-            die(f"{csv}: image not found: {p}")
-    return read_pngs(df["path"], size, workers, f"{csv.name} pngs"), y, df
+    if lost := [p for p in df["path"] if not os.path.exists(p)]:
+        die(f"{csv}: image not found: {lost[0]}")
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL; a PNG's file closes on load
+        x = pool.map(lambda p: resize(Image.open(p).convert("L")), df["path"])
+        return np.stack(list(tqdm(x, total=len(df), desc=f"{csv.name} pngs"))), y, df
 
 
 def load_split(data_dir, split, size, workers=0):
@@ -92,9 +79,8 @@ def load_split(data_dir, split, size, workers=0):
     return x, y, df["image_index"].astype(str).to_numpy()
 
 
-def to_input(x_u8, device):
-    x = torch.from_numpy(np.ascontiguousarray(x_u8)).to(device)
-    return x.float().div(127.5).sub(1).unsqueeze(1)  # (B, H, W) uint8 -> (B, 1, H, W) in [-1, 1]
+def to_input(x_u8, device):  # (B, H, W) uint8 -> (B, 1, H, W) in [-1, 1]
+    return torch.from_numpy(np.ascontiguousarray(x_u8)).to(device).float().div(127.5).sub(1).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -134,7 +120,7 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
                   lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share)
     torch.manual_seed(seed)
-    net = make_cnn(args.width)
+    net = make_cnn(args.width).to(args.device)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
     for a in (x, y, xv, yv):  # each array hashed once per run, not per classifier; kept beside its digest: no id reuse
         if id(a) not in digests:  # no copy: x is ~1 GB at NIH scale
@@ -143,9 +129,8 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
     path = out / "classifiers" / f"{tag}-{h.hexdigest()[:16]}.pt"
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-        return net.to(args.device).eval(), True
+        return net.eval(), True
     g = torch.Generator().manual_seed(seed)
-    net.to(args.device)
     w = torch.from_numpy(draw_weights(y, n_real, share))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epoch_steps or math.ceil(len(x) / args.batch_size)
@@ -158,8 +143,7 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        pv, _ = predict(net, xv, args.batch_size, args.device)
-        nll = -np.log(np.clip(pv[np.arange(len(yv)), yv], 1e-12, None))
+        nll = -np.log(np.clip(predict(net, xv, args.batch_size, args.device)[0][np.arange(len(yv)), yv], 1e-12, None))
         val_loss = np.mean([nll[yv == c].mean() for c in np.unique(yv)])  # class-balanced: each class counts the same
         if val_loss < best:
             best, best_state, best_epoch = val_loss, {k: v.cpu().clone() for k, v in net.state_dict().items()}, epoch
@@ -185,8 +169,7 @@ def auc(score, pos):
 
 
 def sensitivity_at(score, pos, specificity):
-    """Share of positives above the threshold that keeps `specificity` of the negatives at or below it; nan if a side
-    is empty. What a screening classifier is judged by: how many cases it finds at a fixed false-alarm rate."""
+    """Cases found at a fixed false-alarm rate: share of positives above the `specificity` quantile of the negatives"""
     pos = np.asarray(pos, bool)
     if pos.all() or not pos.any():
         return float("nan")
@@ -243,11 +226,17 @@ def matched_realism(f_s, f_real, repeats, max_n, rng):
     return np.array(draws)
 
 
+def realism(d):
+    """d: (repeats, 4) from matched_realism -> the FD ratio; FD and KID, synthetic and floor: mean [95% of redraws]"""
+    ci = lambda v: dict(zip(("mean", "lo", "hi"), (v.mean(), *np.percentile(v, [2.5, 97.5]))))  # nan stays nan
+    return {"fd_ratio": d[:, 0].mean() / d[:, 1].mean(), "fd": {"synthetic": ci(d[:, 0]), "floor": ci(d[:, 1])},
+            "kid": {"synthetic": ci(d[:, 2]), "floor": ci(d[:, 3])}}
+
+
 def diversity(f, max_n, rng):
     """Mean distance between two different rows (a U-statistic: the same mean at any set size); 0 if all alike."""
     f = torch.as_tensor(f[rng.permutation(len(f))[:max_n]], dtype=torch.float64)
-    n = len(f)
-    return float(torch.cdist(f, f).sum() / (n * (n - 1))) if n > 1 else float("nan")
+    return float(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))) if len(f) > 1 else float("nan")
 
 
 def grain(x):
@@ -280,11 +269,9 @@ def pixels(x):
 def nearest(q, ref, device, chunk=512):
     """-> (similarity, index) of each query row's nearest reference row; rows are unit vectors"""
     ref = ref.to(device)
-    sims, idxs = [], []
-    for i in tqdm(range(0, len(q), chunk), desc="nearest train", leave=False):
-        s, j = (q[i:i + chunk].to(device) @ ref.T).max(1)
-        sims.append(s.cpu()), idxs.append(j.cpu())
-    return torch.cat(sims).double().numpy(), torch.cat(idxs).numpy()
+    best = [(q[i:i + chunk].to(device) @ ref.T).max(1)  # (similarity, index) per chunk of queries
+            for i in tqdm(range(0, len(q), chunk), desc="nearest train", leave=False)]
+    return torch.cat([s for s, _ in best]).cpu().double().numpy(), torch.cat([j for _, j in best]).cpu().numpy()
 
 
 def bootstrap_auc(models, y, n_boot, seed, specificity=0.9):
@@ -341,64 +328,8 @@ def clean(v):
     return int(v) if isinstance(v, np.integer) else v
 
 
-def table(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
-
-
-def realism(d):
-    """d: (repeats, 4) from matched_realism -> the FD ratio; FD and KID, synthetic and floor: mean [95% of redraws]"""
-    def ci(v):
-        lo, hi = np.percentile(v, [2.5, 97.5]) if not np.isnan(v).any() else (np.nan, np.nan)
-        return {"mean": v.mean(), "lo": lo, "hi": hi}
-    return {"fd_ratio": d[:, 0].mean() / d[:, 1].mean(), "fd": {"synthetic": ci(d[:, 0]), "floor": ci(d[:, 1])},
-            "kid": {"synthetic": ci(d[:, 2]), "floor": ci(d[:, 3])}}
-
-
-def write_report(R, args, out):
-    P, S, M, n = R["per_class"], R["summary"], R["memorization"], R["settings"]
-    num = lambda v, digits=3: "-" if v is None else f"{v:.{digits}f}"
-    ci = lambda d, k=1, dg=2: "-" if d["mean"] is None else num(k * d["mean"], dg) + (
-        "" if d["lo"] is None else f" [{num(k * d['lo'], dg)}, {num(k * d['hi'], dg)}]")
-    row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_test']}", f"{num(d['fidelity'])} / {num(d['accuracy'])}",
-                           f"**{num(d['fd_ratio'], 2)}**", f"{ci(d['fd']['synthetic'])} / {ci(d['fd']['floor'])}",
-                           f"{ci(d['kid']['synthetic'], 1e3, 1)} / {ci(d['kid']['floor'], 1e3, 1)}",
-                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
-                           d["memorized"]]
-    md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
-          f"(train/val/test {n['n_train']}/{n['n_val']}/{n['n_test']}), {args.size} px, seed {args.seed}. "
-          f"The reference classifier's macro AUC on real test images: {num(R['classifier']['macro_auc'])}.\n",
-          table(["class", "synthetic / test images", "label fidelity: synthetic / real", "realism: FD ratio",
-                 "FD [95%]: synthetic / floor", "KID x1000 [95%]: synthetic / floor",
-                 "diversity / real (features, pixels)", "noise-like", "memorized"],
-                [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]),
-          "How to read it:",
-          "- **label fidelity**: share of images the classifier calls their class; real: that of real test images.",
-          f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
-          f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
-          "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
-          "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
-          f"- **noise-like**: grainier (mean |Laplacian|) than {GRAIN_X:g}x any real test image: noise. Should be 0.",
-          f"- **memorized**: nearer a training image than all but {MIN_PCT:g}% of real test images (feature cosine > "
-          f"{num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)}): ~{MIN_PCT:g}% "
-          "even of new images. See closest_pairs.png and memorization.csv.\n"]
-    if R["utility"]:
-        U = R["utility"]
-        pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
-        md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
-               f"resamples of the test images and {U['seeds']} training seeds per classifier; "
-               f"{n['n_synthetic_used']} of the {n['n_synthetic']} synthetic images used (--filter {args.filter}).\n",
-               table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic",
-                      f"sensitivity at specificity {args.specificity:g}: real / + synthetic / gain"],
-                     [[c] + [ci(pick(U[m][c], "auc"), 1, 3) for m in ("train", "train+synth", "synth", "diff")]
-                      + [" / ".join(ci(pick(U[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
-                      for c in list(P) + ["macro"] if U["train"][c]["auc"] is not None])]
-    replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
-    return "\n".join(md)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Are synthetic CXRs fit to augment a dataset?", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="Are synthetic CXRs fit for augmentation?", formatter_class=HelpFormatter)
     # ---- data ----
     p.add_argument("--data-dir", required=True, help="prepare_data.py output (train/val/test.csv, cache.npy)")
     p.add_argument("--samples", required=True, help="sample.py output folder with manifest.csv (or the csv)")
@@ -421,13 +352,13 @@ def main(argv=None):
     p.add_argument("--specificity", type=float, default=0.9, help="utility: sensitivity is read at this specificity")
     p.add_argument("--synthetic-share", type=float, default=0.0,
                    help="utility: share of a class's draws given to its synthetic images (0: by their number)")
-    p.add_argument("--filter", default="none", choices=["none", "recognised", "new", "both"], help="utility: only "
-                   "synthetic images the reference classifier calls their class (recognised), not memorized (new), both")
+    p.add_argument("--filter", default="none", choices=["none", "recognised", "new", "both"],
+                   help="utility: only synthetic images called their class (recognised), not memorized (new), or both")
     p.add_argument("--pairs", type=int, default=8, help="closest synthetic/train pairs drawn in closest_pairs.png")
     # ---- system ----
     p.add_argument("--seed", type=int, default=0, help="seed for training, subsampling and the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, else cpu), cuda or cpu")
-    args = p.parse_args(argv)
+    args, t_start = p.parse_args(argv), time.time()
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: no CUDA device here (use --device cpu)")
@@ -437,9 +368,9 @@ def main(argv=None):
         if getattr(args, flag) < (2 if flag == "max_n" else 1):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: too small")
     if not (0 < args.specificity < 1 and 0 <= args.synthetic_share < 1):
-        die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1) and [0, 1)")
-    set_threads(torch.device(args.device))  # the free cores: oversubscribed CPU threads run many times slower
-    out, B, dev, t_start, rng = Path(args.out), args.batch_size, args.device, time.time(), np.random.default_rng(args.seed)
+        die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1), [0, 1)")
+    set_threads(torch.device(args.device))
+    out, B, dev, rng = Path(args.out), args.batch_size, args.device, np.random.default_rng(args.seed)
     (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it
 
     # ---- data
@@ -464,12 +395,11 @@ def main(argv=None):
     uf_tr, px_tr, px_s, px_te = unit_rows(f_tr, 0), pixels(xtr), pixels(xs), pixels(xte)  # centred: cosines spread
     (cos_s, jf), (r_s, jp) = nearest(unit_rows(f_s, 0), uf_tr, dev), nearest(px_s, px_tr, dev)
     cos_te, r_te = nearest(unit_rows(f_te, 0), uf_tr, dev)[0], nearest(px_te, px_tr, dev)[0]
-    thr_cos, thr_r = 1 - np.percentile(1 - cos_te, MIN_PCT), 1 - np.percentile(1 - r_te, MIN_PCT)
+    thr_cos, thr_r = np.percentile(cos_te, 100 - MIN_PCT), np.percentile(r_te, 100 - MIN_PCT)
     flag = (cos_s > thr_cos) | (r_s > thr_r)
     R["memorization"] = {"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r, "flagged": flag.sum()}
-    mem = pd.DataFrame({"path": ps["path"], "label": [CLASSES[c] for c in ys], "nearest_train_feature": itr[jf],
-                        "feature_cosine": cos_s.round(5), "nearest_train_pixel": itr[jp], "pixel_corr": r_s.round(5),
-                        "flagged": flag.astype(int)})
+    mem = ps[["path", "label"]].assign(nearest_train_feature=itr[jf], feature_cosine=cos_s.round(5),
+                                       nearest_train_pixel=itr[jp], pixel_corr=r_s.round(5), flagged=flag.astype(int))
     replace_file(out / "memorization.csv", lambda tmp: mem.to_csv(tmp, index=False))
 
     # ---- 3. per class: label fidelity, size-matched realism, diversity, noise-like
@@ -478,28 +408,28 @@ def main(argv=None):
     share = lambda hit: hit.mean() if len(hit) else np.nan
     div = lambda a, b: (diversity(a, args.max_n, rng) / diversity(b, args.max_n, rng)  # synthetic over real
                         if min(len(a), len(b)) > 1 else np.nan)
-    R["per_class"], draws = {}, []
+    P, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
     for c, name in enumerate(CLASSES):
         s, v, t = ys == c, yva == c, yte == c  # this class's synthetic, val and test images
         if s.any() or t.any():
             d = matched_realism(f_s[s], np.concatenate([f_va[v], f_te[t]]), args.repeats, args.max_n, rng)
-            R["per_class"][name] = {"n_synthetic": s.sum(), "n_test": t.sum(), "fidelity": share(hit_s[s]),
-                                    "accuracy": share(hit_te[t]), **realism(d), "diversity_features": div(f_s[s], f_te[t]),
-                                    "diversity_pixels": div(px_s[s], px_te[t]), "memorized": flag[s].sum(),
-                                    "noise_like": noisy[s].sum()}
+            P[name] = {"n_synthetic": s.sum(), "n_test": t.sum(), "fidelity": share(hit_s[s]),
+                       "accuracy": share(hit_te[t]), **realism(d), "diversity_features": div(f_s[s], f_te[t]),
+                       "diversity_pixels": div(px_s[s], px_te[t]), "memorized": flag[s].sum(),
+                       "noise_like": noisy[s].sum()}
             draws += [] if np.isnan(d).any() else [d]
     if not draws:
         die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real val + test images to compare to")
-    scored = [d for d in R["per_class"].values() if d["n_synthetic"] and d["n_test"]]  # a mean over these classes
-    R["summary"] = {"n_synthetic": len(xs), "n_test": len(xte), "memorized": flag.sum(), "noise_like": noisy.sum(),
-                    **{k: np.nanmean([d[k] for d in scored]) for k in ("fidelity", "accuracy", "diversity_features",
-                                                                        "diversity_pixels")},
-                    **realism(np.mean(draws, 0))}  # the class average of each redraw: the interval over redraws
+    scored = [d for d in P.values() if d["n_synthetic"] and d["n_test"]]  # a mean over these classes
+    R["per_class"], R["summary"] = P, {"n_synthetic": len(xs), "n_test": len(xte), "memorized": flag.sum(),
+                                       "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])
+                                       for k in ("fidelity", "accuracy", "diversity_features", "diversity_pixels")},
+                                       **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
     order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
     save_rows_png([[(xs[i], f"synthetic {CLASSES[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
                     (xtr[jp[i]], f"train {itr[jp[i]]} r={r_s[i]:.3f}")] for i in order], out / "closest_pairs.png", 200)
     save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
-                   for c, n in enumerate(CLASSES) if n in R["per_class"]], out / "grid.png", 128)
+                   for c, n in enumerate(CLASSES) if n in P], out / "grid.png", 128)
 
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
     R["utility"] = None
@@ -507,20 +437,57 @@ def main(argv=None):
         seeds = [args.seed + k for k in range(args.utility_seeds)]  # seed 0 of "real" is the reference classifier
         keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
         xk, yk = xs[keep], ys[keep]
-        sets = {"train": (xtr, ytr, None),  # the order bootstrap_auc's diff needs: train+synth - train
-                "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]), len(xtr)), "synth": (xk, yk, None)}
+        sets = {"train": (xtr, ytr, None), "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]),
+                len(xtr)), "synth": (xk, yk, None)}  # the order bootstrap_auc's diff needs: train+synth - train
         probs = {m: [predict(fit(x, y, xva, yva, args, "real" if m == "train" else m, out, sd, digests, n)[0], xte, B,
                              dev)[0] for sd in seeds] for m, (x, y, n) in sets.items()}
         R["settings"]["n_synthetic_used"] = int(keep.sum())
         R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
                         **bootstrap_auc(probs, yte, args.n_boot, args.seed, args.specificity)}
 
-    # ---- 5. report
+    # ---- 5. report: report.json, and report.md with the headline table first
     R = clean({**R, "seconds": time.time() - t_start})
     replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(R, indent=2)))
-    print(write_report(R, args, out))
-    print(f"evaluate.py: {R['seconds']:.0f} s; wrote report.md, report.json, closest_pairs.png, grid.png and "
-          f"memorization.csv to {out}")
+    P, S, M, n = R["per_class"], R["summary"], R["memorization"], R["settings"]
+    table = lambda header, rows: "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                                           + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+    num = lambda v, digits=3: "-" if v is None else f"{v:.{digits}f}"
+    ci = lambda d, k=1, dg=2: "-" if d["mean"] is None else num(k * d["mean"], dg) + (
+        "" if d["lo"] is None else f" [{num(k * d['lo'], dg)}, {num(k * d['hi'], dg)}]")
+    pair = lambda d, k=1, dg=2: f"{ci(d['synthetic'], k, dg)} / {ci(d['floor'], k, dg)}"  # synthetic / floor
+    row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_test']}", f"{num(d['fidelity'])} / {num(d['accuracy'])}",
+                           f"**{num(d['fd_ratio'], 2)}**", pair(d["fd"]), pair(d["kid"], 1e3, 1),
+                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
+                           d["memorized"]]
+    md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
+          f"(train/val/test {n['n_train']}/{n['n_val']}/{n['n_test']}), {args.size} px, seed {args.seed}. "
+          f"The reference classifier's macro AUC on real test images: {num(R['classifier']['macro_auc'])}.\n",
+          table(["class", "synthetic / test images", "label fidelity: synthetic / real", "realism: FD ratio",
+                 "FD [95%]: synthetic / floor", "KID x1000 [95%]: synthetic / floor",
+                 "diversity / real (features, pixels)", "noise-like", "memorized"],
+                [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]) + "\nHow to read it:",
+          "- **label fidelity**: share of images the classifier calls their class; real: that of real test images.",
+          f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
+          f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
+          "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
+          "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
+          f"- **noise-like**: grainier (mean |Laplacian|) than {GRAIN_X:g}x any real test image: noise. Should be 0.",
+          f"- **memorized**: nearer a training image than all but {MIN_PCT:g}% of real test images (feature cosine > "
+          f"{num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)}): ~{MIN_PCT:g}% "
+          "even of new images. See closest_pairs.png and memorization.csv.\n"]
+    if U := R["utility"]:
+        pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
+        md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
+               f"resamples of the test images and {U['seeds']} training seeds per classifier; "
+               f"{n['n_synthetic_used']} of the {n['n_synthetic']} synthetic images used (--filter {args.filter}).\n",
+               table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic",
+                      f"sensitivity at specificity {args.specificity:g}: real / + synthetic / gain"],
+                     [[c] + [ci(pick(U[m][c], "auc"), 1, 3) for m in ("train", "train+synth", "synth", "diff")]
+                      + [" / ".join(ci(pick(U[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
+                      for c in list(P) + ["macro"] if U["train"][c]["auc"] is not None])]
+    replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
+    print("\n".join(md))
+    print(f"evaluate.py: {R['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv to {out}")
     return R
 
 
