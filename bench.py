@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,9 +71,8 @@ def cell(r, key, spec):  # a figure, or "-" where the row has none (OOM, no GPU 
     return format(r[key], spec) if r and r.get(key) is not None else "-"
 
 
-def write(path, text):  # whole or not at all: a temporary name, then renamed
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
+def write(path, save):  # whole or not at all: save(a temporary name), then renamed
+    save(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
@@ -157,8 +157,7 @@ def whole_loop(args, device):
         draw.line(pts, fill=color, width=2) if len(pts) > 1 else None
         for px, py in pts:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
-    im.save(os.path.join(out, "loss_curve.png.tmp"), format="PNG")
-    os.replace(os.path.join(out, "loss_curve.png.tmp"), os.path.join(out, "loss_curve.png"))
+    write(os.path.join(out, "loss_curve.png"), lambda tmp: im.save(tmp, format="PNG"))
     return {"commands": rows, **{col: m[col][np.isfinite(m[col])][[0, -1]].tolist() for col in ("loss", "val_loss")}}
 
 
@@ -210,7 +209,7 @@ def main(argv=None):
     def say(*lines):  # printed, and bench.md rewritten: a run cut short by a time limit leaves what it measured
         print(*lines, sep="\n", flush=True)
         md.extend(lines)
-        write(os.path.join(args.out_dir, "bench.md"), "\n".join(md) + "\n")
+        write(os.path.join(args.out_dir, "bench.md"), lambda tmp: Path(tmp).write_text("\n".join(md) + "\n"))
     say(f"**{name}**, torch {torch.__version__}, {report['date']}: {args.preset} {args.image_size} px, "
         f"{flops / 1e9:.1f} GFLOP per forward, peak {peak} FLOP/s ({report['peak_source']})\n")
 
@@ -295,7 +294,7 @@ def main(argv=None):
         f"| img/s at batch 8, fastest row | {cell(best[8], 'img_s', '.1f')} | >= 120 |",
         f"| sampling: {s[0]['sampler']} over {s[-1]['sampler']} | {ratio(s[0], s[-1])} | >= x40 at equal label "
         "fidelity (fidelity measured on a CPU at 32 px only: README) |")
-    write(os.path.join(args.out_dir, "bench.json"), json.dumps(report, indent=1))
+    write(os.path.join(args.out_dir, "bench.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     print(f"wrote {args.out_dir}/bench.json and bench.md")
     return report
 
