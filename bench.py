@@ -77,7 +77,7 @@ def write(path, save):  # whole or not at all: save(a temporary name), then rena
 
 
 def bench_train(args, device, batch, level, dtype, flops, peak):
-    """2. the training step train.py runs, with the speed-ups of CONFIGS[1:level + 1] switched on"""
+    """The training step train.py runs, with the speed-ups of CONFIGS[1:level + 1] switched on: its row."""
     torch._dynamo.reset()  # compile afresh per configuration: no dynamic-shape graph from another batch size
     torch.manual_seed(0)
     cuda, fmt = device.type == "cuda", torch.channels_last if level >= 2 else torch.contiguous_format

@@ -161,8 +161,7 @@ def main(argv=None):
         for (c, i), im in zip(batch, pixels):
             name, label = f"{slug(model.CLASSES[c])}_s{args.seed}_{i:05d}.png", model.CLASSES[c]
             save_png(im, os.path.join(out, name), {**text, "class": label, "class_id": c, "index": i})
-            rows.append(dict(image_index=name, patient_id=None, label=label, class_id=c,
-                             path=os.path.join(out, name), synthetic=1, **settings))
+            rows.append(dict(image_index=name, patient_id=None, label=label, class_id=c, path=os.path.join(out, name)))
             if len(previews[c]) < GRID_MAX:
                 previews[c].append(im)
         bar.update(len(batch))
@@ -172,7 +171,7 @@ def main(argv=None):
     for c, ims in previews.items():
         name = f"grid_{slug(model.CLASSES[c])}.png"  # a preview: not in the manifest, never a training image
         save_png(grid(ims), os.path.join(out, name), {**text, "class": model.CLASSES[c]})
-    manifest = pd.DataFrame(rows)  # train.csv's columns (no cache_row) + synthetic + the settings
+    manifest = pd.DataFrame(rows).assign(synthetic=1, **settings)  # train.csv's columns (no cache_row) + these
     manifest.to_csv(os.path.join(out, "manifest.csv.tmp"), index=False)
     os.replace(os.path.join(out, "manifest.csv.tmp"), os.path.join(out, "manifest.csv"))
     print(f"wrote {len(rows)} synthetic images, {len(previews)} grids and manifest.csv to {out} "
