@@ -63,14 +63,6 @@ def guarded(fn, device):
     return {"error": "OOM"}
 
 
-def ratio(a, b):  # throughput of row a over row b, or "-" where either ran out of memory
-    return f"x{a['img_s'] / b['img_s']:.2f}" if "img_s" in a and "img_s" in b else "-"
-
-
-def cell(r, key, spec):  # a figure, or "-" where the row has none (OOM, no GPU memory figure, no known peak)
-    return format(r[key], spec) if r and r.get(key) is not None else "-"
-
-
 def write(path, save):  # whole or not at all: save(a temporary name), then renamed
     save(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -204,7 +196,9 @@ def main(argv=None):
     report = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "preset": args.preset, "image_size": args.image_size, "flops_per_image_fwd": flops,
               "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "datasheet dense bf16"}
-    md = []
+    md = []  # bench.md; its cells: "-" where a row has no figure (OOM, no GPU memory figure, no known peak)
+    ratio = lambda a, b: f"x{a['img_s'] / b['img_s']:.2f}" if "img_s" in a and "img_s" in b else "-"  # throughputs
+    cell = lambda r, key, spec: format(r[key], spec) if r and r.get(key) is not None else "-"
 
     def say(*lines):  # printed, and bench.md rewritten: a run cut short by a time limit leaves what it measured
         print(*lines, sep="\n", flush=True)
