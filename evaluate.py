@@ -1,20 +1,11 @@
 """
-Are these synthetic chest X-rays fit to augment a dataset? One command, no radiologist:
+evaluate.py - are these synthetic chest X-rays fit to augment a dataset? One command, no radiologist, no downloads:
 
-    python evaluate.py --data-dir data/demo --samples samples/ --size 64 --out report/
-    python evaluate.py --data-dir data/nih --samples samples/ --size 128 --out report/ --no-utility
+    python evaluate.py --data-dir data/nih --samples samples/ --size 128 --out report/ [--no-utility]
 
-1. trains a small reference CNN on the real train split (val for early stopping; cached in --out)
-   and reports its per-class accuracy and one-vs-rest AUC on the real test split: the ceiling.
-2. label fidelity: share of synthetic images the classifier assigns to the class they were made for.
-3. realism, per class and like with like: Frechet distance (FD) and KID in the classifier's features, synthetic vs
-   real test beside real val vs real test (the floor), every set subsampled to the same size, repeated.
-4. diversity: mean distance between two synthetic images of one class, over the same for real images.
-5. memorization: nearest training image of every synthetic image (feature cosine, pixel correlation),
-   flagged when closer than the 1st percentile of real test-to-train distances.
-6. utility: AUC on real test of classifiers trained on train, train+synthetic and synthetic only, several seeds
-   each, with 95% intervals over test resampling and training seeds.
-Writes report.md (the headline table first), report.json, closest_pairs.png, grid.png, memorization.csv into --out.
+Per class, in the features of a small CNN trained on real train: label fidelity, size-matched realism (FD ratio,
+KID), diversity, noise-like and memorized images; and utility: AUC on real test of classifiers trained with and
+without them. Writes report.md (the headline table first), report.json, closest_pairs.png, grid.png, memorization.csv.
 """
 import argparse
 import hashlib
@@ -30,8 +21,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 from model import CLASSES, HelpFormatter, set_threads
@@ -50,75 +40,47 @@ def die(msg):
 # -----------------------------------------------------------------------------
 # data: real splits from cache.npy (or PNGs), synthetic images from manifest.csv
 
-def resize(im, size):
-    if im.size == (size, size):
-        return np.asarray(im, dtype=np.uint8)
-    return np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0), dtype=np.uint8)  # as prepare_data.py
-
-
-def read_png(path, size):
-    with Image.open(path) as im:
-        return resize(im.convert("L"), size)
-
-
-def read_pngs(paths, size, workers, desc):
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL
-        return np.stack(list(tqdm(pool.map(lambda p: read_png(p, size), paths), total=len(paths), desc=desc)))
-
-
-def class_ids(df, where):
-    for col in ("label", "path"):
-        if col not in df.columns:
-            die(f"{where}: no column '{col}'")
-    unknown = sorted(set(df["label"].astype(str)) - set(CLASSES))
-    if unknown:
-        die(f"{where}: unknown label '{unknown[0]}' (known: {', '.join(CLASSES)})")
-    return df["label"].astype(str).map(CLASSES.index).to_numpy(np.int64)
-
-
-def load_split(data_dir, split, size, workers=0):
-    """-> x (N, size, size) uint8, y (N,) int64, image_index (N,) str"""
-    csv = Path(data_dir) / f"{split}.csv"
+def load(csv, size, workers, missing, empty):
+    """train/val/test.csv or manifest.csv -> x (N, size, size) uint8, y (N,) int64, the table. The images come from
+    cache.npy beside the csv where every row has a cache_row, else from the PNGs (relative paths: from the csv)."""
     if not csv.exists():
-        die(f"--data-dir {data_dir}: no {split}.csv (run prepare_data.py first)")
+        die(missing)
     df = pd.read_csv(csv)
     if len(df) == 0:
-        die(f"{csv}: empty split")
-    y = class_ids(df, str(csv))
-    cache = Path(data_dir) / "cache.npy"
+        die(f"{csv}: {empty}")
+    for col in sorted({"label", "path"} - set(df.columns)):
+        die(f"{csv}: no column '{col}'")
+    if unknown := sorted(set(df["label"].astype(str)) - set(CLASSES)):
+        die(f"{csv}: unknown label '{unknown[0]}' (known: {', '.join(CLASSES)})")
+    y = df["label"].astype(str).map(CLASSES.index).to_numpy(np.int64)
+    resize = lambda im: np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0))  # as prepare_data.py
+    cache = csv.parent / "cache.npy"
     if cache.exists() and "cache_row" in df.columns and (df["cache_row"] >= 0).all():
         cache, rows = np.load(cache, mmap_mode="r"), df["cache_row"].to_numpy()
         if rows.max() >= len(cache):
             die(f"{csv}: cache_row {rows.max()} is past the end of cache.npy ({len(cache)} rows)")
         x = np.empty((len(rows), size, size), np.uint8)
-        for i in range(0, len(rows), CHUNK):  # reads only this split's rows, a chunk at a time
+        for i in range(0, len(rows), CHUNK):  # reads only these rows, a chunk at a time
             chunk = cache[rows[i:i + CHUNK]]
-            x[i:i + CHUNK] = chunk if chunk.shape[1] == size else [resize(Image.fromarray(im), size) for im in chunk]
-    else:
-        x = read_pngs(df["path"].tolist(), size, workers, f"{split} pngs")
+            x[i:i + CHUNK] = chunk if chunk.shape[1] == size else [resize(Image.fromarray(im)) for im in chunk]
+        return x, y, df
+    df["path"] = [str(p if p.is_absolute() else csv.parent / p) for p in map(Path, df["path"].astype(str))]
+    if lost := [p for p in df["path"] if not os.path.exists(p)]:
+        die(f"{csv}: image not found: {lost[0]}")
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL; a PNG's file closes on load
+        x = pool.map(lambda p: resize(Image.open(p).convert("L")), df["path"])
+        return np.stack(list(tqdm(x, total=len(df), desc=f"{csv.name} pngs"))), y, df
+
+
+def load_split(data_dir, split, size, workers=0):
+    """-> x (N, size, size) uint8, y (N,) int64, image_index (N,) str"""
+    x, y, df = load(Path(data_dir) / f"{split}.csv", size, workers,
+                    f"--data-dir {data_dir}: no {split}.csv (run prepare_data.py first)", "empty split")
     return x, y, df["image_index"].astype(str).to_numpy()
 
 
-def load_manifest(samples, size, workers=0):
-    """-> x (N, size, size) uint8, y (N,) int64, paths (N,) str; relative paths resolve against the manifest"""
-    p = Path(samples)
-    manifest = p / "manifest.csv" if p.is_dir() or not p.suffix else p
-    if not manifest.exists():
-        die(f"--samples {samples}: no manifest.csv (run sample.py first)")
-    df = pd.read_csv(manifest)
-    if len(df) == 0:
-        die(f"{manifest}: no synthetic images")
-    y = class_ids(df, str(manifest))
-    paths = [str(q if q.is_absolute() else manifest.parent / q) for q in map(Path, df["path"].astype(str))]
-    for q in paths:
-        if not os.path.exists(q):
-            die(f"{manifest}: image not found: {q}")
-    return read_pngs(paths, size, workers, "synthetic pngs"), y, np.array(paths)
-
-
-def to_input(x_u8, device):
-    x = torch.from_numpy(np.ascontiguousarray(x_u8)).to(device)
-    return x.float().div(127.5).sub(1).unsqueeze(1)  # (B, H, W) uint8 -> (B, 1, H, W) in [-1, 1]
+def to_input(x_u8, device):  # (B, H, W) uint8 -> (B, 1, H, W) in [-1, 1]
+    return torch.from_numpy(np.ascontiguousarray(x_u8)).to(device).float().div(127.5).sub(1).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -136,11 +98,8 @@ def make_cnn(width):
 def predict(net, x, batch_size, device):
     """-> probs (N, K), penultimate features (N, D), both float64 numpy"""
     net.eval()
-    probs, feats = [], []
-    for i in range(0, len(x), batch_size):
-        f = net[:-1](to_input(x[i:i + batch_size], device))
-        probs.append(net[-1](f).softmax(1).cpu()), feats.append(f.cpu())
-    return torch.cat(probs).double().numpy(), torch.cat(feats).double().numpy()
+    f = torch.cat([net[:-1](to_input(x[i:i + batch_size], device)) for i in range(0, len(x), batch_size)])  # (N, D)
+    return net[-1](f).softmax(1).cpu().double().numpy(), f.cpu().double().numpy()
 
 
 def draw_weights(y, n_real, share):
@@ -150,19 +109,18 @@ def draw_weights(y, n_real, share):
     counts, real, synth = (np.bincount(y[m], minlength=K) for m in (np.ones_like(synthetic), ~synthetic, synthetic))
     w = 1.0 / counts[y]
     if share > 0:
-        both = ((real > 0) & (synth > 0))[y]
-        w = np.where(both, np.where(synthetic, share / np.maximum(synth, 1)[y], (1 - share) / np.maximum(real, 1)[y]), w)
+        part = np.where(synthetic, share / np.maximum(synth, 1)[y], (1 - share) / np.maximum(real, 1)[y])
+        w = np.where(((real > 0) & (synth > 0))[y], part, w)  # in classes with both real and synthetic images
     return w / w.sum()
 
 
 def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
-    """Class-balanced sampling; keep the epoch with the lowest class-balanced val loss; cached by data+settings hash.
-    n_real: rows past it are synthetic; with --synthetic-share s, they get s of their class's draws, the real ones 1-s."""
+    """Draws by draw_weights; keeps the epoch of lowest class-balanced val loss; cached by a data+settings hash."""
     n_real, share = len(x) if n_real is None else n_real, args.synthetic_share if n_real is not None else 0
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
                   lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share)
     torch.manual_seed(seed)
-    net = make_cnn(args.width)
+    net = make_cnn(args.width).to(args.device)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
     for a in (x, y, xv, yv):  # each array hashed once per run, not per classifier; kept beside its digest: no id reuse
         if id(a) not in digests:  # no copy: x is ~1 GB at NIH scale
@@ -171,13 +129,12 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
     path = out / "classifiers" / f"{tag}-{h.hexdigest()[:16]}.pt"
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-        return net.to(args.device).eval(), True
+        return net.eval(), True
     g = torch.Generator().manual_seed(seed)
-    net.to(args.device)
     w = torch.from_numpy(draw_weights(y, n_real, share))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epoch_steps or math.ceil(len(x) / args.batch_size)
-    best, best_state, bad = np.inf, None, 0
+    best, best_state, best_epoch = np.inf, None, 0
     for epoch in range(args.epochs):
         net.train()
         for _ in tqdm(range(steps), desc=f"[{tag} seed {seed}] epoch {epoch + 1}/{args.epochs}", leave=False):
@@ -186,19 +143,14 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        pv, _ = predict(net, xv, args.batch_size, args.device)
-        nll = -np.log(np.clip(pv[np.arange(len(yv)), yv], 1e-12, None))
+        nll = -np.log(np.clip(predict(net, xv, args.batch_size, args.device)[0][np.arange(len(yv)), yv], 1e-12, None))
         val_loss = np.mean([nll[yv == c].mean() for c in np.unique(yv)])  # class-balanced: each class counts the same
         if val_loss < best:
-            best, best_state, bad = val_loss, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= args.patience:
-                break
+            best, best_state, best_epoch = val_loss, {k: v.cpu().clone() for k, v in net.state_dict().items()}, epoch
+        elif epoch - best_epoch >= args.patience:
+            break
     net.load_state_dict(best_state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": best_state, "config": config}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    replace_file(path, lambda tmp: torch.save({"state_dict": best_state, "config": config}, tmp))
     return net.eval(), False
 
 
@@ -216,13 +168,8 @@ def auc(score, pos):
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-def per_class_auc(probs, y):
-    return np.array([auc(probs[:, c], y == c) for c in range(K)])
-
-
 def sensitivity_at(score, pos, specificity):
-    """Share of positives above the threshold that keeps `specificity` of the negatives at or below it; nan if a side
-    is empty. What a screening classifier is judged by: how many cases it finds at a fixed false-alarm rate."""
+    """Cases found at a fixed false-alarm rate: share of positives above the `specificity` quantile of the negatives"""
     pos = np.asarray(pos, bool)
     if pos.all() or not pos.any():
         return float("nan")
@@ -230,8 +177,10 @@ def sensitivity_at(score, pos, specificity):
 
 
 def class_scores(probs, y, specificity):
-    """(2K,): every class's one-vs-rest AUC, then its sensitivity at the given specificity"""
-    return np.concatenate([per_class_auc(probs, y), [sensitivity_at(probs[:, c], y == c, specificity) for c in range(K)]])
+    """(2, K + 1): every class's one-vs-rest AUC, then its sensitivity at `specificity`; last column: the macro mean"""
+    s = np.array([[auc(probs[:, c], y == c) for c in range(K)],
+                  [sensitivity_at(probs[:, c], y == c, specificity) for c in range(K)]])
+    return np.concatenate([s, np.nanmean(s, 1, keepdims=True)], 1)
 
 
 def sqrtm_psd(a):
@@ -263,10 +212,9 @@ def kid(f1, f2):
 
 
 def matched_realism(f_s, f_real, repeats, max_n, rng):
-    """Like with like: each redraw splits the held-out real images (val + test) into two random disjoint halves A and
-    B of n images and draws n synthetic images S, n = min(synthetic, real / 2, max_n); then S vs B is what the
-    generator scores and A vs B is what a perfect generator would score (the floor), at the same n.
-    -> (repeats, 4): FD(S, B), FD(A, B), KID(S, B), KID(A, B)."""
+    """Like with like, per redraw: two random disjoint halves A, B of the held-out real images (val + test) and
+    synthetic S, n images each, n = min(synthetic, real / 2, max_n): S vs B is what the generator scores, A vs B what
+    a perfect one would (the floor). -> (repeats, 4): FD(S, B), FD(A, B), KID(S, B), KID(A, B)"""
     n = min(len(f_s), len(f_real) // 2, max_n)
     if n < 2:
         return np.full((repeats, 4), np.nan)
@@ -278,11 +226,17 @@ def matched_realism(f_s, f_real, repeats, max_n, rng):
     return np.array(draws)
 
 
+def realism(d):
+    """d: (repeats, 4) from matched_realism -> the FD ratio; FD and KID, synthetic and floor: mean [95% of redraws]"""
+    ci = lambda v: dict(zip(("mean", "lo", "hi"), (v.mean(), *np.percentile(v, [2.5, 97.5]))))  # nan stays nan
+    return {"fd_ratio": d[:, 0].mean() / d[:, 1].mean(), "fd": {"synthetic": ci(d[:, 0]), "floor": ci(d[:, 1])},
+            "kid": {"synthetic": ci(d[:, 2]), "floor": ci(d[:, 3])}}
+
+
 def diversity(f, max_n, rng):
     """Mean distance between two different rows (a U-statistic: the same mean at any set size); 0 if all alike."""
     f = torch.as_tensor(f[rng.permutation(len(f))[:max_n]], dtype=torch.float64)
-    n = len(f)
-    return float(torch.cdist(f, f).sum() / (n * (n - 1))) if n > 1 else float("nan")
+    return float(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))) if len(f) > 1 else float("nan")
 
 
 def grain(x):
@@ -315,18 +269,15 @@ def pixels(x):
 def nearest(q, ref, device, chunk=512):
     """-> (similarity, index) of each query row's nearest reference row; rows are unit vectors"""
     ref = ref.to(device)
-    sims, idxs = [], []
-    for i in tqdm(range(0, len(q), chunk), desc="nearest train", leave=False):
-        s, j = (q[i:i + chunk].to(device) @ ref.T).max(1)
-        sims.append(s.cpu()), idxs.append(j.cpu())
-    return torch.cat(sims).double().numpy(), torch.cat(idxs).numpy()
+    best = [(q[i:i + chunk].to(device) @ ref.T).max(1)  # (similarity, index) per chunk of queries
+            for i in tqdm(range(0, len(q), chunk), desc="nearest train", leave=False)]
+    return torch.cat([s for s, _ in best]).cpu().double().numpy(), torch.cat([j for _, j in best]).cpu().numpy()
 
 
 def bootstrap_auc(models, y, n_boot, seed, specificity=0.9):
     """models: name -> list of probs (N, K), one per training seed. Each resample draws the test images with
-    replacement and one seed per model, so the 95% interval holds test sampling and training noise. The point is
-    the mean over seeds. 'diff' pairs models[1] - models[0] on the same test resample. Per class and macro:
-    auc, auc_lo, auc_hi, and the sensitivity at `specificity`: sens, sens_lo, sens_hi."""
+    replacement and one seed per model: the 95% interval holds test sampling and training noise; the point is the
+    mean over seeds; 'diff' is models[1] - models[0] on the same resample. Per class and macro: auc, sens, lo, hi."""
     names = list(models)
     point = {m: np.mean([class_scores(p, y, specificity) for p in ps], 0) for m, ps in models.items()}
     rng, reps = np.random.default_rng(seed), {m: [] for m in names}
@@ -334,18 +285,16 @@ def bootstrap_auc(models, y, n_boot, seed, specificity=0.9):
         i = rng.integers(0, len(y), len(y))
         for m in names:
             reps[m].append(class_scores(models[m][rng.integers(len(models[m]))][i], y[i], specificity))
-    reps = {m: np.array(r) for m, r in reps.items()}  # (n_boot, 2K)
+    reps = {m: np.array(r) for m, r in reps.items()}  # (n_boot, 2, K + 1)
     point["diff"], reps["diff"] = point[names[1]] - point[names[0]], reps[names[1]] - reps[names[0]]
     res = {}
     for m in point:
-        with_macro = lambda v: np.concatenate([v[..., :K], np.nanmean(v[..., :K], -1, keepdims=True),
-                                               v[..., K:], np.nanmean(v[..., K:], -1, keepdims=True)], -1)
-        est, draws = with_macro(point[m]), with_macro(reps[m])  # (2K + 2,): K AUCs, macro, K sensitivities, macro
-        ok = ~np.isnan(est)  # a class absent from test has no AUC
-        lo, hi = np.full(len(est), np.nan), np.full(len(est), np.nan)
-        lo[ok], hi[ok] = np.nanpercentile(draws[:, ok], [2.5, 97.5], axis=0)
-        res[m] = {name: {f"{q}{end}": v[c + (K + 1) * (q == "sens")] for q in ("auc", "sens")
-                         for end, v in (("", est), ("_lo", lo), ("_hi", hi))} for c, name in enumerate(CLASSES + ["macro"])}
+        ok = ~np.isnan(point[m])  # a class absent from test has no AUC
+        lo, hi = np.full((2, 2, K + 1), np.nan)
+        lo[ok], hi[ok] = np.nanpercentile(reps[m][:, ok], [2.5, 97.5], axis=0)
+        bands = {"": point[m], "_lo": lo, "_hi": hi}
+        res[m] = {name: {f"{q}{end}": v[i, c] for i, q in enumerate(("auc", "sens")) for end, v in bands.items()}
+                  for c, name in enumerate(CLASSES + ["macro"])}
     return res
 
 
@@ -357,16 +306,15 @@ def replace_file(path, write):
     os.replace(f"{path}.tmp", path)
 
 
-def save_rows_png(rows, path, tile):
-    """rows: lists of (uint8 image, caption); each image is blown up to tile x tile with its caption above."""
-    cap = 14
+def save_rows_png(rows, path, tile, cap=14):
+    """rows: lists of (uint8 image, caption); each image is blown up to tile x tile with its caption (cap px) above."""
     canvas = Image.new("L", (tile * max(len(r) for r in rows), len(rows) * (tile + cap)), 0)
     draw = ImageDraw.Draw(canvas)
     for i, row in enumerate(rows):
         for j, (im, text) in enumerate(row):
             draw.text((j * tile + 2, i * (tile + cap) + 1), text, fill=255)
             canvas.paste(Image.fromarray(im).resize((tile, tile), Image.NEAREST), (j * tile, i * (tile + cap) + cap))
-    info = PngInfo()  # the figure holds synthetic images: say so in the file, not only in the captions
+    info = PngImagePlugin.PngInfo()  # the figure holds synthetic images: say so in the file, not only in the captions
     info.add_text("synthetic", "1")
     info.add_text("Description", "contains SYNTHETIC chest X-rays generated by a diffusion model (captioned)")
     replace_file(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info))
@@ -380,16 +328,8 @@ def clean(v):
     return int(v) if isinstance(v, np.integer) else v
 
 
-def table(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
-
-
-# -----------------------------------------------------------------------------
-
-def get_parser():
-    p = argparse.ArgumentParser(description="Label fidelity, realism, diversity, memorization and utility of synthetic "
-                                            "CXRs.", formatter_class=HelpFormatter)
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Are synthetic CXRs fit for augmentation?", formatter_class=HelpFormatter)
     # ---- data ----
     p.add_argument("--data-dir", required=True, help="prepare_data.py output (train/val/test.csv, cache.npy)")
     p.add_argument("--samples", required=True, help="sample.py output folder with manifest.csv (or the csv)")
@@ -410,81 +350,132 @@ def get_parser():
     p.add_argument("--utility-seeds", type=int, default=3, help="training seeds per utility classifier")
     p.add_argument("--no-utility", action="store_true", help="skip training on train+synthetic and synthetic only")
     p.add_argument("--specificity", type=float, default=0.9, help="utility: sensitivity is read at this specificity")
-    p.add_argument("--synthetic-share", type=float, default=0.0, help="utility: share of a class's draws given to its "
-                   "synthetic images (0: as many as they are, like real ones)")
-    p.add_argument("--filter", default="none", choices=["none", "recognised", "new", "both"], help="utility: use only "
-                   "synthetic images the reference classifier calls their class (recognised), not flagged as memorized (new), or both")
+    p.add_argument("--synthetic-share", type=float, default=0.0,
+                   help="utility: share of a class's draws given to its synthetic images (0: by their number)")
+    p.add_argument("--filter", default="none", choices=["none", "recognised", "new", "both"],
+                   help="utility: only synthetic images called their class (recognised), not memorized (new), or both")
     p.add_argument("--pairs", type=int, default=8, help="closest synthetic/train pairs drawn in closest_pairs.png")
     # ---- system ----
     p.add_argument("--seed", type=int, default=0, help="seed for training, subsampling and the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, else cpu), cuda or cpu")
-    return p
+    args, t_start = p.parse_args(argv), time.time()
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if not Path(args.data_dir).is_dir():
+        die(f"--data-dir {args.data_dir}: no such directory (run prepare_data.py first)")
+    for flag in ("size", "repeats", "utility_seeds", "n_boot", "batch_size", "epochs", "max_n"):
+        if getattr(args, flag) < (2 if flag == "max_n" else 1):
+            die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: too small")
+    if not (0 < args.specificity < 1 and 0 <= args.synthetic_share < 1):
+        die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1), [0, 1)")
+    set_threads(torch.device(args.device))
+    out, B, dev, rng = Path(args.out), args.batch_size, args.device, np.random.default_rng(args.seed)
+    (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it
 
+    # ---- data
+    (xtr, ytr, itr), (xva, yva, _), (xte, yte, _) = [load_split(args.data_dir, s, args.size, args.workers)
+                                                     for s in ("train", "val", "test")]
+    m = Path(args.samples)
+    xs, ys, ps = load(m / "manifest.csv" if m.is_dir() or not m.suffix else m, args.size, args.workers,
+                      f"--samples {args.samples}: no manifest.csv (run sample.py first)", "no synthetic images")
+    print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)}, synthetic {len(xs)}, size {args.size}, device {dev}")
+    R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs)}}
 
-def summarize(draws):
-    """(repeats,) -> mean and the 2.5th and 97.5th percentiles"""
-    lo, hi = np.percentile(draws, [2.5, 97.5]) if not np.isnan(draws).any() else (np.nan, np.nan)
-    return {"mean": draws.mean(), "lo": lo, "hi": hi}
+    # ---- 1. reference classifier, trained on real train only: the ceiling for everything below
+    digests = {}  # fit() hashes each distinct array once
+    net, cached = fit(xtr, ytr, xva, yva, args, "real", out, args.seed, digests)
+    (_, f_tr), (_, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
+    mu, scale = f_tr.mean(0), np.sqrt(f_tr.var(0).mean())  # centred, in units of their spread on real train: KID's
+    f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # cubic kernel needs an O(1) scale
+    R["classifier"] = {"cached": cached, "macro_auc": class_scores(p_te, yte, args.specificity)[0, K]}
 
+    # ---- 2. memorization: each synthetic image's nearest training image by feature cosine and by pixel correlation,
+    # flagged when closer than all but MIN_PCT% of real test images are (no patient is in two splits: not copied)
+    uf_tr, px_tr, px_s, px_te = unit_rows(f_tr, 0), pixels(xtr), pixels(xs), pixels(xte)  # centred: cosines spread
+    (cos_s, jf), (r_s, jp) = nearest(unit_rows(f_s, 0), uf_tr, dev), nearest(px_s, px_tr, dev)
+    cos_te, r_te = nearest(unit_rows(f_te, 0), uf_tr, dev)[0], nearest(px_te, px_tr, dev)[0]
+    thr_cos, thr_r = np.percentile(cos_te, 100 - MIN_PCT), np.percentile(r_te, 100 - MIN_PCT)
+    flag = (cos_s > thr_cos) | (r_s > thr_r)
+    R["memorization"] = {"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r, "flagged": flag.sum()}
+    mem = ps[["path", "label"]].assign(nearest_train_feature=itr[jf], feature_cosine=cos_s.round(5),
+                                       nearest_train_pixel=itr[jp], pixel_corr=r_s.round(5), flagged=flag.astype(int))
+    replace_file(out / "memorization.csv", lambda tmp: mem.to_csv(tmp, index=False))
 
-def memorization(f_tr, f_s, f_te, x_tr, x_s, x_te, device):
-    """Nearest training image of each synthetic image by feature cosine and by pixel correlation; flagged when closer
-    than all but MIN_PCT% of real test images are: no patient is in two splits, so that is what "not copied" is."""
-    uf_tr, px_tr = unit_rows(f_tr, 0), pixels(x_tr)  # features are centred: cosines spread out, not all near 1
-    (cos_s, jf_s), (r_s, jp_s) = nearest(unit_rows(f_s, 0), uf_tr, device), nearest(pixels(x_s), px_tr, device)
-    cos_te, r_te = nearest(unit_rows(f_te, 0), uf_tr, device)[0], nearest(pixels(x_te), px_tr, device)[0]
-    thr_cos, thr_r = 1 - np.percentile(1 - cos_te, MIN_PCT), 1 - np.percentile(1 - r_te, MIN_PCT)
-    return dict(cos=cos_s, j_feature=jf_s, r=r_s, j_pixel=jp_s, flag=(cos_s > thr_cos) | (r_s > thr_r),
-                thresholds={"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r})
+    # ---- 3. per class: label fidelity, size-matched realism, diversity, noise-like
+    hit_s, hit_te, px_s, px_te = p_s.argmax(1) == ys, p_te.argmax(1) == yte, px_s.numpy(), px_te.numpy()
+    noisy = grain(xs) > GRAIN_X * grain(xte).max()  # noise, not a film: grainier than any real test image, by far
+    share = lambda hit: hit.mean() if len(hit) else np.nan
+    div = lambda a, b: (diversity(a, args.max_n, rng) / diversity(b, args.max_n, rng)  # synthetic over real
+                        if min(len(a), len(b)) > 1 else np.nan)
+    P, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
+    for c, name in enumerate(CLASSES):
+        s, v, t = ys == c, yva == c, yte == c  # this class's synthetic, val and test images
+        if s.any() or t.any():
+            d = matched_realism(f_s[s], np.concatenate([f_va[v], f_te[t]]), args.repeats, args.max_n, rng)
+            P[name] = {"n_synthetic": s.sum(), "n_test": t.sum(), "fidelity": share(hit_s[s]),
+                       "accuracy": share(hit_te[t]), **realism(d), "diversity_features": div(f_s[s], f_te[t]),
+                       "diversity_pixels": div(px_s[s], px_te[t]), "memorized": flag[s].sum(),
+                       "noise_like": noisy[s].sum()}
+            draws += [] if np.isnan(d).any() else [d]
+    if not draws:
+        die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real val + test images to compare to")
+    scored = [d for d in P.values() if d["n_synthetic"] and d["n_test"]]  # a mean over these classes
+    R["per_class"], R["summary"] = P, {"n_synthetic": len(xs), "n_test": len(xte), "memorized": flag.sum(),
+                                       "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])
+                                       for k in ("fidelity", "accuracy", "diversity_features", "diversity_pixels")},
+                                       **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
+    order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
+    save_rows_png([[(xs[i], f"synthetic {CLASSES[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
+                    (xtr[jp[i]], f"train {itr[jp[i]]} r={r_s[i]:.3f}")] for i in order], out / "closest_pairs.png", 200)
+    save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
+                   for c, n in enumerate(CLASSES) if n in P], out / "grid.png", 128)
 
+    # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
+    R["utility"] = None
+    if not args.no_utility:
+        seeds = [args.seed + k for k in range(args.utility_seeds)]  # seed 0 of "real" is the reference classifier
+        keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
+        xk, yk = xs[keep], ys[keep]
+        sets = {"train": (xtr, ytr, None), "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]),
+                len(xtr)), "synth": (xk, yk, None)}  # the order bootstrap_auc's diff needs: train+synth - train
+        probs = {m: [predict(fit(x, y, xva, yva, args, "real" if m == "train" else m, out, sd, digests, n)[0], xte, B,
+                             dev)[0] for sd in seeds] for m, (x, y, n) in sets.items()}
+        R["settings"]["n_synthetic_used"] = int(keep.sum())
+        R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
+                        **bootstrap_auc(probs, yte, args.n_boot, args.seed, args.specificity)}
 
-def class_figures(d, hit_s, hit_te, f_s, f_te, px_s, px_te, flag_s, noisy_s, max_n, rng):
-    """One class's row of the report. d: (repeats, 4) from matched_realism; the rest: that class's images only."""
-    div = lambda a, b: diversity(a, max_n, rng) / diversity(b, max_n, rng) if min(len(a), len(b)) > 1 else np.nan
-    return {"n_synthetic": len(hit_s), "n_test": len(hit_te), "fidelity": hit_s.mean() if len(hit_s) else np.nan,
-            "accuracy": hit_te.mean() if len(hit_te) else np.nan, "fd_ratio": d[:, 0].mean() / d[:, 1].mean(),
-            "fd": {"synthetic": summarize(d[:, 0]), "floor": summarize(d[:, 1])},
-            "kid": {"synthetic": summarize(d[:, 2]), "floor": summarize(d[:, 3])},
-            "diversity_features": div(f_s, f_te), "diversity_pixels": div(px_s, px_te), "memorized": flag_s.sum(),
-            "noise_like": noisy_s.sum()}
-
-
-def write_report(R, args, out):
-    P, S = R["per_class"], R["summary"]
+    # ---- 5. report: report.json, and report.md with the headline table first
+    R = clean({**R, "seconds": time.time() - t_start})
+    replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(R, indent=2)))
+    P, S, M, n = R["per_class"], R["summary"], R["memorization"], R["settings"]
+    table = lambda header, rows: "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                                           + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
     num = lambda v, digits=3: "-" if v is None else f"{v:.{digits}f}"
     ci = lambda d, k=1, dg=2: "-" if d["mean"] is None else num(k * d["mean"], dg) + (
         "" if d["lo"] is None else f" [{num(k * d['lo'], dg)}, {num(k * d['hi'], dg)}]")
+    pair = lambda d, k=1, dg=2: f"{ci(d['synthetic'], k, dg)} / {ci(d['floor'], k, dg)}"  # synthetic / floor
     row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_test']}", f"{num(d['fidelity'])} / {num(d['accuracy'])}",
-                           f"**{num(d['fd_ratio'], 2)}**", f"{ci(d['fd']['synthetic'])} / {ci(d['fd']['floor'])}",
-                           f"{ci(d['kid']['synthetic'], 1e3, 1)} / {ci(d['kid']['floor'], 1e3, 1)}",
-                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"], d["memorized"]]
-    M, n = R["memorization"], R["settings"]
+                           f"**{num(d['fd_ratio'], 2)}**", pair(d["fd"]), pair(d["kid"], 1e3, 1),
+                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
+                           d["memorized"]]
     md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
           f"(train/val/test {n['n_train']}/{n['n_val']}/{n['n_test']}), {args.size} px, seed {args.seed}. "
           f"The reference classifier's macro AUC on real test images: {num(R['classifier']['macro_auc'])}.\n",
           table(["class", "synthetic / test images", "label fidelity: synthetic / real", "realism: FD ratio",
                  "FD [95%]: synthetic / floor", "KID x1000 [95%]: synthetic / floor",
                  "diversity / real (features, pixels)", "noise-like", "memorized"],
-                [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]),
-          "How to read it:",
-          "- **label fidelity**: the share of a class's synthetic images that the reference classifier (trained on real "
-          "images) calls that class, beside the same share of real test images: the ceiling.",
-          f"- **realism: FD ratio**, the one to read: the Frechet distance (FD) in the classifier's features between "
-          f"synthetic and real images of a class, over the floor: the same distance between two disjoint halves of the "
-          f"real val + test images, what a perfect generator scores. Both sides have the same size n and are redrawn "
-          f"{args.repeats} times (mean [95% of the redraws]); the mean over classes weighs every class the same, whatever "
-          f"the class mix. 1 = as real as real images.",
-          "- **KID**: unbiased at any set size, 0 for images of the real distribution: compares runs scored with "
-          "different numbers of images. An interval that holds 0 found no difference.",
-          "- **diversity**: the mean distance between two synthetic images of a class over that between two real test "
-          "images; well below 1 means the model draws the same image again and again.",
-          f"- **noise-like**: synthetic images with more fine grain (mean absolute Laplacian) than {GRAIN_X:g} times the "
-          "grainiest real test image: noise or salt-and-pepper, not a film. Should be 0.",
-          f"- **memorized**: synthetic images closer to a training image than all but {MIN_PCT:g}% of real test images "
-          f"are (feature cosine > {num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)});"
-          f" about {MIN_PCT:g}% is expected even of new images. See closest_pairs.png and memorization.csv.\n"]
-    if R["utility"]:
-        U = R["utility"]
+                [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]) + "\nHow to read it:",
+          "- **label fidelity**: share of images the classifier calls their class; real: that of real test images.",
+          f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
+          f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
+          "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
+          "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
+          f"- **noise-like**: grainier (mean |Laplacian|) than {GRAIN_X:g}x any real test image: noise. Should be 0.",
+          f"- **memorized**: nearer a training image than all but {MIN_PCT:g}% of real test images (feature cosine > "
+          f"{num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)}): ~{MIN_PCT:g}% "
+          "even of new images. See closest_pairs.png and memorization.csv.\n"]
+    if U := R["utility"]:
         pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
         md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
                f"resamples of the test images and {U['seeds']} training seeds per classifier; "
@@ -495,96 +486,8 @@ def write_report(R, args, out):
                       + [" / ".join(ci(pick(U[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
                       for c in list(P) + ["macro"] if U["train"][c]["auc"] is not None])]
     replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
-    return "\n".join(md)
-
-
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {args.device}: no CUDA device here (use --device cpu)")
-    if not Path(args.data_dir).is_dir():
-        die(f"--data-dir {args.data_dir}: no such directory (run prepare_data.py first)")
-    for flag in ("size", "repeats", "utility_seeds", "n_boot", "batch_size", "epochs", "max_n"):
-        if getattr(args, flag) < (2 if flag == "max_n" else 1):
-            die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: too small")
-    if not (0 < args.specificity < 1 and 0 <= args.synthetic_share < 1):
-        die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1) and [0, 1)")
-    set_threads(torch.device(args.device))  # the free cores: oversubscribed CPU threads run many times slower
-    out, B, dev, t_start, rng = Path(args.out), args.batch_size, args.device, time.time(), np.random.default_rng(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # ---- data
-    (xtr, ytr, itr), (xva, yva, _), (xte, yte, _) = [load_split(args.data_dir, s, args.size, args.workers)
-                                                     for s in ("train", "val", "test")]
-    xs, ys, ps = load_manifest(args.samples, args.size, args.workers)
-    print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)}, synthetic {len(xs)}, size {args.size}, device {dev}")
-    R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs)}}
-
-    # ---- 1. reference classifier, trained on real train only: the ceiling for everything below
-    digests = {}  # fit() hashes each distinct array once
-    net, cached = fit(xtr, ytr, xva, yva, args, "real", out, args.seed, digests)
-    (_, f_tr), (_, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
-    mu, scale = f_tr.mean(0), np.sqrt(f_tr.var(0).mean())  # centred, in units of their spread on real train: KID's
-    f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # cubic kernel needs an O(1) scale
-    R["classifier"] = {"cached": cached, "macro_auc": np.nanmean(per_class_auc(p_te, yte))}
-
-    # ---- 2. memorization, 3. per class: label fidelity, size-matched realism, diversity
-    mem = memorization(f_tr, f_s, f_te, xtr, xs, xte, dev)
-    R["memorization"] = {**mem["thresholds"], "flagged": mem["flag"].sum()}
-    hit_s, hit_te, px_s, px_te = p_s.argmax(1) == ys, p_te.argmax(1) == yte, pixels(xs).numpy(), pixels(xte).numpy()
-    noisy = grain(xs) > GRAIN_X * grain(xte).max()  # noise, not a film: grainier than any real test image, by far
-    R["per_class"], draws = {}, []
-    for c, name in enumerate(CLASSES):
-        s, v, t = ys == c, yva == c, yte == c  # this class's synthetic, val and test images
-        if s.any() or t.any():
-            d = matched_realism(f_s[s], np.concatenate([f_va[v], f_te[t]]), args.repeats, args.max_n, rng)
-            R["per_class"][name] = class_figures(d, hit_s[s], hit_te[t], f_s[s], f_te[t], px_s[s], px_te[t],
-                                                 mem["flag"][s], noisy[s], args.max_n, rng)
-            draws += [] if np.isnan(d).any() else [d]
-    if not draws:
-        die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real val + test images to compare to")
-    avg, scored = np.mean(draws, 0), [d for d in R["per_class"].values() if d["n_synthetic"] and d["n_test"]]
-    R["summary"] = {"n_synthetic": len(xs), "n_test": len(xte), "memorized": mem["flag"].sum(), "noise_like": noisy.sum(),
-                    **{k: np.nanmean([d[k] for d in scored]) for k in ("fidelity", "accuracy", "diversity_features",
-                                                                        "diversity_pixels")},
-                    "fd_ratio": avg[:, 0].mean() / avg[:, 1].mean(),  # the class average of each redraw: its interval
-                    "fd": {"synthetic": summarize(avg[:, 0]), "floor": summarize(avg[:, 1])},
-                    "kid": {"synthetic": summarize(avg[:, 2]), "floor": summarize(avg[:, 3])}}
-    flag, r_s, jp = mem["flag"], mem["r"], mem["j_pixel"]
-    table_ = pd.DataFrame({"path": ps, "label": [CLASSES[c] for c in ys], "nearest_train_feature": itr[mem["j_feature"]],
-                           "feature_cosine": mem["cos"].round(5), "nearest_train_pixel": itr[jp],
-                           "pixel_corr": r_s.round(5), "flagged": flag.astype(int)})
-    replace_file(out / "memorization.csv", lambda tmp: table_.to_csv(tmp, index=False))
-    order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
-    save_rows_png([[(xs[i], f"synthetic {CLASSES[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
-                    (xtr[jp[i]], f"train {itr[jp[i]]} r={r_s[i]:.3f}")] for i in order], out / "closest_pairs.png", 200)
-    save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
-                   for c, n in enumerate(CLASSES) if n in R["per_class"]], out / "grid.png", 128)
-
-    # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
-    R["utility"] = None
-    if not args.no_utility:
-        seeds = [args.seed + k for k in range(args.utility_seeds)]  # seed 0 of "real" is the reference classifier
-        keep = {"none": np.ones(len(xs), bool), "recognised": p_s.argmax(1) == ys, "new": ~mem["flag"],
-                "both": (p_s.argmax(1) == ys) & ~mem["flag"]}[args.filter]  # which synthetic images may be used
-        xk, yk = xs[keep], ys[keep]
-        sets = {"real": (xtr, ytr, None), "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]), len(xtr)),
-                "synth": (xk, yk, None)}
-        probs = {m: [predict(fit(x, y, xva, yva, args, m, out, sd, digests, n)[0], xte, B, dev)[0] for sd in seeds]
-                 for m, (x, y, n) in sets.items()}
-        probs["train"] = probs.pop("real")
-        R["settings"]["n_synthetic_used"] = int(keep.sum())
-        R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds), **bootstrap_auc(
-            {m: probs[m] for m in ("train", "train+synth", "synth")}, yte, args.n_boot, args.seed, args.specificity)}
-
-    # ---- 5. report
-    R["seconds"] = time.time() - t_start
-    R = clean(R)
-    replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(R, indent=2)))
-    print(write_report(R, args, out))
-    print(f"evaluate.py: {R['seconds']:.0f} s; wrote report.md, report.json, closest_pairs.png, grid.png and "
-          f"memorization.csv to {out}")
+    print("\n".join(md))
+    print(f"evaluate.py: {R['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv to {out}")
     return R
 
 

@@ -2,13 +2,11 @@
 Prepare the NIH ChestX-ray14 images for class-conditional diffusion: pick the single-label images of 6 classes,
 split them 80/10/10 by patient (seeded, stratified), resolve paths, and cache them as one uint8 (N, size, size) array.
 
-    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--seed 0] [--size 256]
-                           [--aspect pad|crop|stretch] [--workers N] [--no-cache] [--overwrite]
-    python prepare_data.py --demo --out data/demo [--seed 0] [--size 256]   # phantom CXRs, seconds on a CPU
+    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--size 256] [--aspect pad]
+    python prepare_data.py --demo --out data/demo [--size 32]   # phantom CXRs, seconds on a CPU
 
-Writes into --out: metadata.parquet, train.csv, val.csv, test.csv, cache.npy (unless --no-cache),
-missing.csv (in the label file, not on disk), bad_images.csv (on disk, unreadable), prepare.json (what a rerun
-compares: the same inputs and settings again exit at once, anything else needs --overwrite).
+Writes into --out: metadata.parquet, train/val/test.csv, cache.npy (unless --no-cache), missing.csv (listed, not on
+disk), bad_images.csv (on disk, unreadable), prepare.json (a rerun of the same inputs and settings does nothing).
 """
 import argparse
 import contextlib
@@ -18,6 +16,7 @@ import os
 import shutil
 import time
 from multiprocessing import Pool
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -37,10 +36,6 @@ WINDOW_PCT = (0.5, 99.5)  # >8-bit films: these percentiles -> 0..255; min/max l
 ERR = "prepare_data.py: error:"
 
 
-def norm(name):  # 'Pleural_Thickening', ' pleural thickening ' and 'PLEURAL THICKENING' are one finding
-    return " ".join(name.replace("_", " ").split()).lower()
-
-
 def read_labels(csv):
     """Data_Entry_2017.csv (trailing comma on every line) or Data_Entry_2017_v2020.csv[.gz] -> DataFrame of NEEDED."""
     try:  # index_col=False: a trailing comma must not turn 'Image Index' into the index
@@ -48,9 +43,8 @@ def read_labels(csv):
     except (ValueError, OSError, EOFError) as e:  # missing file, bad gzip, not a CSV
         raise SystemExit(f"{ERR} --csv {csv}: cannot read: {e}")
     df.columns = [c.strip() for c in df.columns]
-    for col in NEEDED:
-        if col not in df.columns:
-            raise SystemExit(f"{ERR} --csv {csv}: no column '{col}'")
+    if lost := [col for col in NEEDED if col not in df.columns]:
+        raise SystemExit(f"{ERR} --csv {csv}: no column '{lost[0]}'")
     pid = pd.to_numeric(df["Patient ID"], errors="coerce")
     if len(df) == 0 or pid.isna().any() or df["Image Index"].isna().any():
         raise SystemExit(f"{ERR} --csv {csv}: empty file, or empty/non-integer 'Patient ID' or 'Image Index'")
@@ -71,6 +65,7 @@ def drop_duplicates(df, M, csv=""):
 
 def parse_findings(labels, csv=""):
     """'Effusion|Mass' strings -> (N, 15) int64 0/1 matrix over FINDINGS; an unknown name is an error."""
+    norm = lambda name: " ".join(name.replace("_", " ").split()).lower()  # 'Pleural_Thickening' = ' pleural thickening'
     codes, uniq = pd.factorize(labels)  # ~800 distinct label strings in 112k rows: parse each once
     canon, U = [norm(f) for f in FINDINGS], np.zeros((len(uniq), len(FINDINGS)), dtype=np.int64)
     for i, s in enumerate(uniq):
@@ -85,9 +80,8 @@ def select_classes(df, M):
     """Keep rows whose whole label set is exactly one of CLASSES; adds label, class_id and the 15 finding columns."""
     name = np.array(FINDINGS)[M.argmax(1)]
     keep = (M.sum(1) == 1) & np.isin(name, CLASSES)
-    out = df.loc[keep, ["image_index", "patient_id"]].copy()
-    out["label"] = name[keep]
-    out["class_id"] = np.array([CLASSES.index(n) for n in name[keep]], dtype=np.int64)
+    out = df.loc[keep, ["image_index", "patient_id"]].assign(
+        label=name[keep], class_id=np.array([CLASSES.index(n) for n in name[keep]], dtype=np.int64))
     out[FINDINGS] = M[keep]
     return out.sort_values("image_index", kind="stable").reset_index(drop=True)
 
@@ -107,8 +101,7 @@ def split_patients(df, seed=0):
     cur, side = np.zeros_like(target), np.empty(len(pids), dtype=np.int64)
     w = 1.0 / np.maximum(target, 1)
     for p in order:
-        s = int((((target - cur) * w) @ V[p]).argmax())  # relative deficit, weighted by this patient's images
-        side[p] = s
+        side[p] = s = int((((target - cur) * w) @ V[p]).argmax())  # relative deficit, weighted by its images
         cur[s] += V[p]
     return np.array(SPLITS)[side[inv]]
 
@@ -171,8 +164,8 @@ def build_cache(paths, size, aspect, workers, dst):
     return np.array(errs), n_rect
 
 
-def write_csv(df, path):
-    df.to_csv(path + ".tmp", index=False)
+def replace_file(path, save):  # whole or not at all: save(a temporary name), then renamed
+    save(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -274,8 +267,7 @@ def make_demo(raw, seed=0):
             name = f"{pid:08d}_{f:03d}.png"
             Image.fromarray(phantom(rng, a, y)).save(os.path.join(img_dir, name), pnginfo=info)
             lines.append(f"{name},{CLASSES[y]},{f},{pid},{age + f // 2},{'MF'[pid % 2]},PA,256,256,0.143,0.143,")
-    with open(os.path.join(raw, "Data_Entry_2017.csv"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    Path(raw, "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -291,9 +283,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (and of the demo)")
     # ---- cache ----
     p.add_argument("--size", type=int, default=256, help=f"cached image side in pixels, one of {SIZES}")
-    p.add_argument("--aspect", choices=["pad", "crop", "stretch"], default="pad", help="non-square films: pad (default:"
-                   " black bars, the whole chest kept, costophrenic angles included), crop (centre square, full scale,"
-                   " edges lost) or stretch (distorts heart and lungs)")
+    p.add_argument("--aspect", choices=["pad", "crop", "stretch"], default="pad", help="non-square films: pad (black "
+                   "bars, the whole chest kept), crop (centre square, edges lost), stretch (distorts heart and lungs)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
     p.add_argument("--no-cache", action="store_true", help="skip decoding images into cache.npy")
     args = p.parse_args(argv)
@@ -340,16 +331,14 @@ def main(argv=None):
     print(f"labels and paths: {time.time() - t0:.1f}s")
 
     # ---- the same inputs and settings as the dataset in --out: nothing to do; anything else needs --overwrite ----
-    with open(args.csv, "rb") as fh:  # image contents are not read: that is the work a rerun skips
-        stamp = {"labels_sha256": hashlib.sha256(fh.read()).hexdigest(),
-                 "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),
-                 "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache}
+    stamp = {"labels_sha256": hashlib.sha256(Path(args.csv).read_bytes()).hexdigest(),
+             "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),  # paths, not contents
+             "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache}
     if done and not args.overwrite:
         old = {}
         with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
             old = json.load(fh)
-        diff = [k for k in stamp if old.get(k) != stamp[k]]
-        if not diff:
+        if not (diff := [k for k in stamp if old.get(k) != stamp[k]]):
             return print(f"{out} is already prepared from the same inputs and settings (prepare.json): nothing to do")
         why = f"other {', '.join(diff)}" if old else "no prepare.json"
         raise SystemExit(f"{held} from other inputs or settings ({why}); pass --overwrite to replace it")
@@ -372,19 +361,14 @@ def main(argv=None):
             print(f"{len(bad)} unreadable images dropped (bad_images.csv)")
 
     # ---- write: temp name + rename; metadata.parquet, then prepare.json last: they mark a finished dataset ----
-    meta = meta[["image_index", "patient_id", "label", "class_id", "split", "path", "cache_row", "synthetic"]
-                + FINDINGS]
-    write_csv(missing[["image_index", "patient_id", "label", "class_id", "split"]], os.path.join(out, "missing.csv"))
-    write_csv(bad[["image_index", "patient_id", "label", "class_id", "split", "path", "error"]],
-              os.path.join(out, "bad_images.csv"))
-    for sp in SPLITS:
-        write_csv(meta.loc[meta.split == sp, LIST_COLS], os.path.join(out, f"{sp}.csv"))
-    dst = os.path.join(out, "metadata.parquet")  # schema metadata dropped: same inputs -> same bytes
-    pq.write_table(pa.Table.from_pandas(meta, preserve_index=False).replace_schema_metadata(None), dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
-    with open(os.path.join(out, "prepare.json.tmp"), "w") as fh:
-        json.dump(stamp, fh, indent=1)
-    os.replace(os.path.join(out, "prepare.json.tmp"), os.path.join(out, "prepare.json"))
+    head = ["image_index", "patient_id", "label", "class_id", "split"]  # the columns every table starts with
+    meta = meta[head + ["path", "cache_row", "synthetic"] + FINDINGS]
+    for name, table in {"missing.csv": missing[head], "bad_images.csv": bad[head + ["path", "error"]],
+                        **{f"{sp}.csv": meta.loc[meta.split == sp, LIST_COLS] for sp in SPLITS}}.items():
+        replace_file(os.path.join(out, name), lambda tmp: table.to_csv(tmp, index=False))
+    table = pa.Table.from_pandas(meta, preserve_index=False).replace_schema_metadata(None)  # same inputs, same bytes
+    replace_file(os.path.join(out, "metadata.parquet"), lambda tmp: pq.write_table(table, tmp))
+    replace_file(os.path.join(out, "prepare.json"), lambda tmp: Path(tmp).write_text(json.dumps(stamp, indent=1)))
 
     img = pd.crosstab(meta.label, meta.split).reindex(index=CLASSES, columns=SPLITS, fill_value=0)
     pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=CLASSES, columns=SPLITS)

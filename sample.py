@@ -2,15 +2,13 @@
 sample.py - generate synthetic chest X-rays of chosen pathologies from a trained checkpoint.
 
     python sample.py --ckpt runs/x/ckpt.pt --class Effusion --n 16
-    python sample.py --ckpt runs/x --class all --n 500 --sampler ddim-2m --steps 25 --guidance 1.25 --seed 0 --out samples/
+    python sample.py --ckpt runs/x --class all --n 500 --sampler ddim-2m --steps 25 --guidance 1.25 --out samples/
     python sample.py --ckpt runs/x --class "no finding" --class 3 --n 64 --batch-size 64 --out samples/b --overwrite
 
 Writes into --out: one 8-bit grayscale PNG per image, <class>_s<seed>_<index>.png, marked synthetic in its PNG
 text chunks; grid_<class>.png per class (a preview, not in the manifest); manifest.csv with train.csv's columns
 plus synthetic=1 and the generation settings, so pd.concat([train, manifest]) is a ready augmentation set.
-Image i of class c with seed s starts from its own noise whatever --batch-size or the other classes sampled beside
-it: rerunning a command gives bitwise the same PNGs; another batch size the same image up to rare +-1 gray levels
-(measured in fp32 on a CPU; on a GPU, other kernels per batch size and autocast can differ by more).
+A rerun gives bitwise the same PNGs; another --batch-size the same images up to rare +-1 gray levels (fp32, CPU).
 """
 import argparse
 import hashlib
@@ -78,20 +76,20 @@ def main(argv=None):
     # ---- what to generate ----
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder holding ckpt.pt")
     p.add_argument("--class", dest="classes", action="append", required=True, metavar="CLASS",
-                   help=f"repeatable: {', '.join(model.CLASSES)} (any case, _ for spaces), a class_id 0-{len(model.CLASSES) - 1}, or all")
+                   help=f"repeatable: {', '.join(model.CLASSES)} (any case, _ for spaces), a class_id, or all")
     p.add_argument("--n", type=int, default=16, help="images per class")
     p.add_argument("--seed", type=int, default=0, help="image i of class c always starts from the same noise")
     # ---- sampler ----
     p.add_argument("--sampler", default=model.DEFAULT_SAMPLER, help=f"one of {', '.join(model.SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps = UNet calls per image (default: "
-                   + ", ".join(f"{n} for {s}" for s, n in model.DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps = UNet calls per image "
+                   "(default: " + ", ".join(f"{n} for {s}" for s, n in model.DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale; 1 = no guidance")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     # ---- hardware ----
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (speed, memory)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="cuda if available, else cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast (default: on with CUDA: "
-                   "bf16 on GPUs with bf16 cores, fp16 below, as train.py; --amp on a CPU: bf16)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast (default: on with CUDA, bf16 or fp16 as train.py; --amp on a CPU: bf16)")
     # ---- output ----
     p.add_argument("--out", default="samples/", help="folder for the PNGs, grids and manifest.csv")
     p.add_argument("--overwrite", action="store_true", help="allow an --out that already holds samples")
@@ -112,7 +110,7 @@ def main(argv=None):
     if not 1 <= args.guidance < math.inf:
         die(f"--guidance {args.guidance}: must be a number >= 1 (1 = no guidance)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.set_threads(device)  # the free cores: oversubscribed CPU threads run many times slower
+    model.set_threads(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda: CUDA is not available here")
     amp = "off" if args.amp is False else "bf16" if args.amp and device.type == "cpu" else model.auto_amp(device)
@@ -128,19 +126,17 @@ def main(argv=None):
         die(f"--ckpt {args.ckpt}: cannot build the UNet from it ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if list(ckpt["classes"]) != model.CLASSES:
         die(f"--ckpt {args.ckpt}: trained on classes {ckpt['classes']}, this code expects {model.CLASSES}")
+    sha = hashlib.sha256()
     with open(os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt, "rb") as f:
-        h = hashlib.sha256()
         while chunk := f.read(1 << 20):  # 1 MiB at a time (hashlib.file_digest needs Python 3.11)
-            h.update(chunk)
-    sha = h.hexdigest()
+            sha.update(chunk)
 
     # output folder: must be writable, and must not already hold samples unless --overwrite
     out = os.path.abspath(args.out)
     try:
         os.makedirs(out, exist_ok=True)
         existing = sorted(f for f in os.listdir(out) if f == "manifest.csv" or f.endswith(".png"))
-        with tempfile.TemporaryFile(dir=out):  # fail now, not after an hour of sampling
-            pass
+        tempfile.TemporaryFile(dir=out).close()  # fail now, not after an hour of sampling
     except OSError as e:
         die(f"--out {args.out}: not a writable folder ({e.strerror})")
     if existing and not args.overwrite:
@@ -148,7 +144,8 @@ def main(argv=None):
             f"pass --overwrite or choose another --out")
 
     # sample: jobs from all classes are packed into full batches; each image's noise is its own
-    settings = dict(sampler=sampler, steps=steps, guidance=args.guidance, seed=args.seed, checkpoint_sha256=sha)
+    settings = dict(sampler=sampler, steps=steps, guidance=args.guidance, seed=args.seed,
+                    checkpoint_sha256=sha.hexdigest())
     text = {**SYNTHETIC, **settings, "weights": "model" if args.no_ema else "ema", "amp": amp.replace("off", "fp32")}
     jobs = [(c, i) for c in classes for i in range(args.n)]
     rows, previews = [], {c: [] for c in classes}
@@ -156,17 +153,15 @@ def main(argv=None):
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b:b + args.batch_size]
         labels = torch.tensor([c for c, _ in batch], device=device)  # (B,)
-        # each image owns a noise generator seeded by (seed, class, index) alone, so its batch never matters;
-        # with i < MAX_N and fewer than 10 classes no two images of any run share a generator seed
+        # seeded by (seed, class, index) alone, so its batch never matters; with i < MAX_N, < 10 classes: all distinct
         generators = [torch.Generator().manual_seed(args.seed * 1_000_003 + c * 100_003 + i) for c, i in batch]
-        with torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off"):
-            x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule)  # (B, 1, H, W), [-1, 1]
+        with torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off"):
+            x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule)  # (B, 1, H, W)
         pixels = ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()[:, 0]  # (B, H, W)
         for (c, i), im in zip(batch, pixels):
             name, label = f"{slug(model.CLASSES[c])}_s{args.seed}_{i:05d}.png", model.CLASSES[c]
             save_png(im, os.path.join(out, name), {**text, "class": label, "class_id": c, "index": i})
-            rows.append(dict(image_index=name, patient_id=None, label=label, class_id=c,
-                             path=os.path.join(out, name), synthetic=1, **settings))
+            rows.append(dict(image_index=name, patient_id=None, label=label, class_id=c, path=os.path.join(out, name)))
             if len(previews[c]) < GRID_MAX:
                 previews[c].append(im)
         bar.update(len(batch))
@@ -176,7 +171,7 @@ def main(argv=None):
     for c, ims in previews.items():
         name = f"grid_{slug(model.CLASSES[c])}.png"  # a preview: not in the manifest, never a training image
         save_png(grid(ims), os.path.join(out, name), {**text, "class": model.CLASSES[c]})
-    manifest = pd.DataFrame(rows)  # train.csv's columns (no cache_row) + synthetic + the settings
+    manifest = pd.DataFrame(rows).assign(synthetic=1, **settings)  # train.csv's columns (no cache_row) + these
     manifest.to_csv(os.path.join(out, "manifest.csv.tmp"), index=False)
     os.replace(os.path.join(out, "manifest.csv.tmp"), os.path.join(out, "manifest.csv"))
     print(f"wrote {len(rows)} synthetic images, {len(previews)} grids and manifest.csv to {out} "
