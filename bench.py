@@ -82,17 +82,17 @@ def bench_train(args, device, batch, level, dtype, flops, peak):
     amp = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
     alpha_bar = model.make_schedule().alphas_cumprod.to(device)
-    weight = model.loss_weights(alpha_bar, "epsilon")  # train.py's default: Min-SNR-5, eps target
+    weight = model.loss_weights(alpha_bar)  # train.py's defaults: v target, plain MSE
     x0 = torch.randn(batch, 1, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, len(model.CLASSES), (batch,), device=device)
 
-    def step():  # train.py's step: noise, label dropout, Min-SNR-weighted MSE, backward, clip, AdamW, EMA
+    def step():  # train.py's step: noise, label dropout, weighted MSE, backward, clip, AdamW, EMA
         t = torch.randint(0, model.NUM_TIMESTEPS, (batch,), device=device)
         eps = torch.randn_like(x0)
         y_in = y.masked_fill(torch.rand(batch, device=device) < 0.1, model.NULL_CLASS)  # as train.drop_labels
         with amp:
             pred = fwd(model.add_noise(x0, eps, t, alpha_bar), t, class_labels=y_in).sample.float()
-        loss = (weight[t] * (pred - model.target(x0, eps, t, alpha_bar, "epsilon")).pow(2).mean((1, 2, 3))).mean()
+        loss = (weight[t] * (pred - model.target(x0, eps, t, alpha_bar)).pow(2).mean((1, 2, 3))).mean()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -106,7 +106,7 @@ def add_noise(x0, eps, t, alpha_bar):
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def target(x0, eps, t, alpha_bar, prediction):
+def target(x0, eps, t, alpha_bar, prediction="v_prediction"):
     """What the UNet learns to output: eps, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0."""
     if prediction == "epsilon":
         return eps
