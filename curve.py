@@ -15,7 +15,8 @@ ratio, log scale), against the run's training minutes, with the targets drawn in
 untouched), the generator is trained on that split, sample.py draws synthetic films of the class (--n-synthetic),
 and evaluate.py trains classifiers on real vs real + synthetic and scores them on the real test films: the class's
 AUC and sensitivity at --specificity, with 95% intervals over test resampling and classifier seeds. Rows go to
-<out-dir>/rare.csv, the plot (AUC against k) to <out-dir>/rare.png. Rerunnable: finished parts are reused.
+<out-dir>/rare.csv (one per k and settings), the plot of this call's rows (AUC against k) to <out-dir>/rare.png.
+Rerunnable: finished generators, samples and classifiers are reused, so trying other settings costs only those.
 """
 import argparse
 import glob
@@ -166,14 +167,18 @@ def rare(args):
                            "--specificity", str(args.specificity), "--synthetic-share", str(args.synthetic_share),
                            "--filter", args.filter])
         U, P = R["utility"], R["per_class"][args.rare]
-        rows.append({"k": n_real, "n_synthetic": R["settings"]["n_synthetic_used"], "guidance": args.guidance,
+        rows.append({"k": n_real, "n_setting": args.n_synthetic, "n_synthetic": R["settings"]["n_synthetic_used"],
+                     "guidance": args.guidance,
                      "synthetic_share": args.synthetic_share, "filter": args.filter, "generator": run_tag,
                      "fidelity": P["fidelity"], "fd_ratio": P["fd_ratio"], "memorized": P["memorized"] / P["n_synthetic"],
                      **{f"{m} {q}{end}": U[m][args.rare][q + end] for m in ("train", "train+synth", "diff")
                         for q in ("auc", "sens") for end in ("", "_lo", "_hi")}})
-    table = pd.DataFrame(rows)
-    table.to_csv(os.path.join(args.out_dir, "rare.csv.tmp"), index=False)
-    os.replace(os.path.join(args.out_dir, "rare.csv.tmp"), os.path.join(args.out_dir, "rare.csv"))
+    table, path = pd.DataFrame(rows), os.path.join(args.out_dir, "rare.csv")
+    keys = ["k", "generator", "guidance", "n_setting", "synthetic_share", "filter"]  # a row per k and settings
+    old = pd.read_csv(path) if os.path.exists(path) else table.iloc[:0]
+    old = old[~old.set_index(keys).index.isin(table.set_index(keys).index)]  # rows of other settings stay
+    pd.concat([old, table]).to_csv(path + ".tmp", index=False)
+    os.replace(path + ".tmp", path)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     bars = lambda m: {q: (table[f"{m} {q}_lo"], table[f"{m} {q}_hi"]) for q in ("auc", "sens")}
     lines = [(name, table["k"], {q: table[f"{m} {q}"] for q in ("auc", "sens")}, bars(m))

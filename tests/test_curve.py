@@ -51,6 +51,10 @@ def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path, fas
         assert table[col].notna().all()
     assert (table["train auc_lo"] <= table["train auc"]).all() and (table["train auc"] <= table["train auc_hi"]).all()
     assert pd.read_csv(tmp_path / "rare" / "rare.csv").shape == table.shape
+    curve.main(argv[:4] + ["--k", "3", "--out-dir", str(tmp_path / "rare"), "--max-steps", "2", "--train-batch-size", "4",
+                           "--utility-seeds", "1", "--batch-size", "8", "--filter", "new"])  # k=3, other settings
+    both = pd.read_csv(tmp_path / "rare" / "rare.csv")
+    assert len(both) == 3 and both["filter"].tolist() == ["none", "none", "new"]  # added, the others kept
     assert Image.open(tmp_path / "rare" / "rare.png").size == (2 * 560, 340)
     manifest = pd.read_csv(tmp_path / "rare" / "k3" / "run-none-2" / "samples-w1.25-n5" / "manifest.csv")
     assert set(manifest["label"]) == {"Pneumonia"} and (manifest["synthetic"] == 1).all()
