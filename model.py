@@ -1,4 +1,6 @@
-"""model.py - the module every script imports: class-conditional UNet, noise schedule, samplers, checkpoints, export.
+"""
+model.py - the module every script imports: class-conditional UNet, noise schedule, samplers, checkpoints, export.
+
     unet = build_unet(image_size=256, preset="base")                       # 1x256x256, ~114M parameters
     xt = add_noise(x0, eps, t, make_schedule().alphas_cumprod)             # the forward process q(xt | x0)
     x0 = sample(unet, labels, sampler="ddim-2m", steps=25, guidance=1.25)  # (B, 1, H, W) in [-1, 1]
@@ -176,8 +178,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):  # --help shows the
 
 
 def set_threads(device, seconds=0.25):
-    """CPU work: one thread per core left idle over `seconds` (Linux /proc/stat; elsewhere every core), unless the user
-    set OMP_NUM_THREADS: with a core taken, PyTorch's thread per core stalls every op (measured 9x on 2 cores)."""
+    """CPU work: a thread per core idle over `seconds` (/proc/stat; elsewhere every core; README), unless the user set
+    OMP_NUM_THREADS. Returns the thread count."""
     def idle_total():  # jiffies over all cores; /proc/stat's first line: cpu user nice system idle iowait irq ...
         with open("/proc/stat") as f:
             v = [int(n) for n in f.readline().split()[1:]]

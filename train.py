@@ -1,5 +1,5 @@
 """
-Train the class-conditional DDPM on prepared chest X-rays (prepare_data.py output): weighted MSE, AdamW, EMA, CFG.
+train.py - train the class-conditional DDPM on prepared chest X-rays (prepare_data.py output): MSE, AdamW, EMA, CFG.
 
     python train.py --batch-size 8                                    # data/nih -> runs/nih-base-256
     python train.py --data-dir data/pmnist32 --batch-size 32 --max-steps 8000 --snapshot-every 1000   # 32 px on a CPU
@@ -205,18 +205,14 @@ def ignore_signals(worker_id):  # DataLoader workers leave Ctrl-C / SIGTERM to t
 
 
 @torch.no_grad()
-def val_loss(unet, xt, t, y, target, weight, batch_size, autocast):
-    """The training loss (weighted MSE, no label dropout) on the fixed val subset: fixed xt, t and noise, so only the
-    weights change between calls, and train and val losses read on the same footing."""
+def val_loss(loss_per_image, unet, val_set, batch_size):
+    """The training loss (no label dropout) on the fixed val subset: fixed x0, t and noise, so only the weights change
+    between calls, and train and val losses read on the same footing."""
     unet.eval()
-    total = torch.zeros((), device=xt.device)
-    for i in range(0, len(xt), batch_size):
-        s = slice(i, i + batch_size)
-        with autocast():
-            pred = unet(xt[s], t[s], class_labels=y[s]).sample.float()
-        total += (weight[s] * (pred - target[s]).pow(2).mean((1, 2, 3))).sum()
+    n = len(val_set[0])
+    total = sum(loss_per_image(unet, *(v[i:i + batch_size] for v in val_set)).sum() for i in range(0, n, batch_size))
     unet.train()
-    return total.item() / len(xt)
+    return total.item() / n
 
 
 def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule):
@@ -271,7 +267,7 @@ def rank_sum(x, world):  # x summed over the DDP ranks (the loop's only syncs); 
 
 
 def main(argv=None):
-    # ---- setup: flags, processes, device, precision, the noise schedule ----
+    # ---- setup: flags, processes, device, precision, the noise schedule and the loss ----
     args, ckpt = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
@@ -295,6 +291,12 @@ def main(argv=None):
     noise_schedule = make_schedule(**schedule)
     alpha_bar = noise_schedule.alphas_cumprod.to(device)  # (1000,)
     loss_weight = loss_weights(alpha_bar, schedule["prediction"], args.loss, args.snr_gamma)  # (1000,)
+
+    def loss_per_image(net, x0, eps, t, y):  # (B,): the weighted MSE of the UNet's eps or v, for training and val alike
+        xt = add_noise(x0, eps, t, alpha_bar)
+        with autocast():
+            pred = net(xt, t, class_labels=y).sample.float()  # (B, 1, H, W)
+        return loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))
 
     # ---- data: the stream of training batches from where the run stands, and the fixed val set ----
     train_df, val_df = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
@@ -325,9 +327,7 @@ def main(argv=None):
         x0, y_val = load_batch(rows, cache, *(val_df[c].to_numpy() for c in columns), size)
         x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
         t_val, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
-        val_set = [v.to(device) for v in (add_noise(x0, eps, t_val, alpha_bar.cpu()), t_val, y_val,
-                                           target(x0, eps, t_val, alpha_bar.cpu(), schedule["prediction"]))]
-        val_set.append(loss_weight[val_set[1]])  # xt, t, y, target, weight
+        val_set = [v.to(device) for v in (x0, eps, t_val, y_val)]
 
     # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
     torch.manual_seed(args.seed)
@@ -356,9 +356,8 @@ def main(argv=None):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         ckpt = None  # its tensors now live in the model, EMA and optimizer: free the copies (~1.8 GB at base, per rank)
-    # compile(DDP(unet)), PyTorch's order: the all-reduce overlaps the backward; unet stays bare (saved keys: no prefix)
-    model = DDP(unet, device_ids=[device.index] if cuda else None) if world > 1 else unet
-    model = torch.compile(model) if args.compile else model
+    model = DDP(unet, device_ids=[device.index] if cuda else None) if world > 1 else unet  # unet stays bare: its keys
+    model = torch.compile(model) if args.compile else model  # compile(DDP(unet)): the all-reduce overlaps the backward
 
     # ---- the run folder: metrics.csv, checkpoints; Ctrl-C / SIGTERM finish the step, save and exit 0 ----
     metrics = os.path.join(args.out_dir, "metrics.csv")
@@ -404,13 +403,9 @@ def main(argv=None):
             t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), generator=g, device=device)  # (B,) uniform
             eps = torch.randn(x0.shape, generator=g, device=device)  # (B, 1, H, W)
             y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g)
-            xt = add_noise(x0, eps, t, alpha_bar)
             # DDP averages the gradients on the last micro-batch only
             with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
-                with autocast():
-                    pred = model(xt, t, class_labels=y).sample.float()  # (B, 1, H, W): eps or v
-                err = pred - target(x0, eps, t, alpha_bar, schedule["prediction"])  # (B, 1, H, W)
-                loss = (loss_weight[t] * err.pow(2).mean((1, 2, 3))).mean()
+                loss = loss_per_image(model, x0, eps, t, y).mean()
                 scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if args.clip > 0:
@@ -441,7 +436,7 @@ def main(argv=None):
             loss_sum.zero_()
             logged = done, seen, train_s
         if master and evaluate:
-            v = val_loss(unet, *val_set, args.batch_size, autocast)
+            v = val_loss(loss_per_image, unet, val_set, args.batch_size)
             tqdm.write(f"step {done} | val loss {v:.4f}")
         if master and (log or evaluate):
             append_metrics(metrics, done, train_s, *((f"{train_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}") if log else ()),
