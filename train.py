@@ -50,13 +50,12 @@ def die(msg):
 def parse_args(argv):
     """The flags, checked; on --resume the checkpoint's, but for those given again. -> (args, the checkpoint or None)"""
     p = argparse.ArgumentParser(description="train the class-conditional CXR DDPM", formatter_class=HelpFormatter)
-    # ---- data ----
+    # ---- data and model ----
     p.add_argument("--data-dir", default="data/nih", help="prepare_data.py --out folder (train/val.csv, cache.npy)")
     p.add_argument("--out-dir", default=None, help="run folder (default runs/<data dir name>-<preset>-<size>)")
     p.add_argument("--balance", default="none", choices=["none", "sqrt", "inverse"], help="class weights of the draw")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader processes (default: 0 on a CPU with "
                    "cache.npy, where a worker only takes a core from training; else 4)")
-    # ---- model ----
     auto = ", ".join(f"{size} px {name}" for size, name in AUTO.items())
     p.add_argument("--preset", default="auto", help=f"UNet size: auto ({auto}, larger base) or {', '.join(PRESETS)}")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the cache's, else 256)")
@@ -134,8 +133,7 @@ def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; 
 
 
 def drop_labels(y, cond_drop, g):  # classifier-free guidance training: a label becomes NULL_CLASS with p = cond_drop
-    drop = torch.rand(y.shape, generator=g, device=y.device) < cond_drop
-    return torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+    return y.masked_fill(torch.rand(y.shape, generator=g, device=y.device) < cond_drop, NULL_CLASS)
 
 # -----------------------------------------------------------------------------
 # data: the order of training images is a function of (seed, position) alone, so --resume is exact
@@ -177,7 +175,7 @@ def load_batch(rows, cache, cache_row, path, class_id, size):
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(class_id[rows])
 
 
-def read_split(data_dir, split):
+def read_split(data_dir, split):  # -> load_batch's cache_row, path and class_id, as arrays
     csv = os.path.join(data_dir, f"{split}.csv")
     if not os.path.isfile(csv):
         die(f"--data-dir {data_dir}: no {split}.csv; prepare the data first: python prepare_data.py "
@@ -188,7 +186,7 @@ def read_split(data_dir, split):
         die(f"{csv}: no column {sorted(missing)[0]!r}; rerun prepare_data.py")
     if len(df) == 0:
         die(f"{csv}: the {split} split has no rows")
-    return df
+    return {c: df[c].to_numpy() for c in ("cache_row", "path", "class_id")}
 
 
 def cache_size(data_dir):  # None: no cache.npy (prepare_data.py --no-cache), the workers decode the PNGs
@@ -251,10 +249,9 @@ def set_rng_state(rng):
 
 
 def append_metrics(path, step, time_s, loss="", lr="", img_per_s="", val=""):
-    new = not os.path.exists(path)
+    header = "" if os.path.exists(path) else "step,time_s,loss,lr,img_per_s,val_loss\n"
     with open(path, "a") as f:
-        f.write(("step,time_s,loss,lr,img_per_s,val_loss\n" if new else "")
-                + f"{step},{time_s:.1f},{loss},{lr},{img_per_s},{val}\n")
+        f.write(f"{header}{step},{time_s:.1f},{loss},{lr},{img_per_s},{val}\n")
 
 
 def rank_sum(x, world):  # x summed over the DDP ranks (the loop's only syncs); x itself in a single process
@@ -299,14 +296,13 @@ def main(argv=None):
         return loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))
 
     # ---- data: the stream of training batches from where the run stands, and the fixed val set ----
-    train_df, val_df = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
+    train, val = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
     cached = cache_size(args.data_dir)
     cache = os.path.join(args.data_dir, "cache.npy") if cached else None
     args.image_size = size = args.image_size or cached or 256
     args.preset = pick_preset(args.preset, size)  # the checkpoint records the preset that was built
     args.lr = args.lr if args.lr is not None else PRESET_LR[args.preset]  # recorded, so --resume keeps it
-    if args.warmup_steps is None:
-        args.warmup_steps = min(1000, args.max_steps // WARMUP_SHARE)
+    args.warmup_steps = min(1000, args.max_steps // WARMUP_SHARE) if args.warmup_steps is None else args.warmup_steps
     if cached and size != cached:
         die(f"--image-size {size} does not match {cache} ({cached}px); omit it or use prepare_data.py --size {size}")
     if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != CLASSES):
@@ -314,17 +310,15 @@ def main(argv=None):
             f"not at {size}px on {CLASSES}; use another --out-dir")
     start, seen, train_s = (ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)) if ckpt else (0, 0, 0.0)
     workers = args.num_workers if args.num_workers is not None else 0 if cache and device.type == "cpu" else 4
-    stream = index_stream(class_weights(train_df.class_id.to_numpy(), args.balance), args.balance != "none", args.seed,
-                          seen)  # images drawn by all ranks so far (steps done x global batch)
-    columns = ("cache_row", "path", "class_id")  # load_batch's, from a split
+    stream = index_stream(class_weights(train["class_id"], args.balance), args.balance != "none", args.seed, seen)
     loader = torch.utils.data.DataLoader(
-        range(len(train_df)), batch_sampler=rank_batches(stream, args.batch_size, rank, world), num_workers=workers,
-        collate_fn=partial(load_batch, cache=cache, size=size, **{c: train_df[c].to_numpy() for c in columns}),
-        pin_memory=cuda, worker_init_fn=ignore_signals)
+        range(len(train["path"])), batch_sampler=rank_batches(stream, args.batch_size, rank, world),
+        collate_fn=partial(load_batch, cache=cache, size=size, **train),  # runs in the workers
+        num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_signals)
     if master and args.eval_every:
         g = torch.Generator().manual_seed(VAL_SEED)
-        rows = torch.randperm(len(val_df), generator=g)[:VAL_IMAGES].tolist()
-        x0, y_val = load_batch(rows, cache, *(val_df[c].to_numpy() for c in columns), size)
+        rows = torch.randperm(len(val["path"]), generator=g)[:VAL_IMAGES].tolist()
+        x0, y_val = load_batch(rows, cache, size=size, **val)
         x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
         t_val, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
         val_set = [v.to(device) for v in (x0, eps, t_val, y_val)]
@@ -367,8 +361,8 @@ def main(argv=None):
             m = pd.read_csv(metrics, dtype=str, keep_default_na=False)  # as written: no float reformatting
             m[m.step.astype(int) <= start].to_csv(f"{metrics}.tmp", index=False)
             os.replace(f"{metrics}.tmp", metrics)
-        print(f"train.py: {len(train_df)} train / {len(val_df)} val images, {size}px, preset {args.preset}, {world} "
-              f"process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, "
+        print(f"train.py: {len(train['path'])} train / {len(val['path'])} val images, {size}px, preset {args.preset}, "
+              f"{world} process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, "
               f"steps {start}->{args.max_steps}, out {args.out_dir}")
 
     def checkpoint(path, **state):  # ckpt.pt: + all --resume needs; a snapshot: the EMA alone (sample.py, curve.py)
@@ -393,9 +387,7 @@ def main(argv=None):
     due = lambda every: every > 0 and done % every == 0  # an --*-every of 0 turns the activity off
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank > 0, dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = opt.param_groups[0]["lr"] = lr_at(step, args.lr, args.warmup_steps, args.max_steps)  # the UNet's one group
         for micro in range(args.grad_accum):
             x0, y = next(batches)  # uint8 (B, 1, H, W), (B,)
             x0 = (x0.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=memory_format)
@@ -419,9 +411,8 @@ def main(argv=None):
         train_s += time.time() - t_last
 
         stopping = bool(stop)  # read once: a signal arriving after this line is handled at the next step
-        if world > 1:  # all ranks stop at one step, or the rest hang in the next all-reduce; agreeing costs a sync,
-            agree = done % STOP_CHECK == 0  # so the ranks compare notes every STOP_CHECK steps
-            stopping = agree and rank_sum(torch.tensor(float(stopping), device=device), world).item() > 0
+        if world > 1:  # all ranks stop at one step (or the rest hang in the next all-reduce), agreed every STOP_CHECK
+            stopping = done % STOP_CHECK == 0 and bool(rank_sum(torch.tensor(float(stopping), device=device), world))
         log, evaluate = due(args.log_every), due(args.eval_every)
         save = due(args.save_every) or done == args.max_steps or stopping
         if log or save:  # on every rank: the mean loss is all-reduced
@@ -430,9 +421,8 @@ def main(argv=None):
                 die(f"loss is {train_loss} at step {done}; stopped. The last good checkpoint stays in {args.out_dir}")
         if log:
             ips = (seen - logged[1]) / (train_s - logged[2])
-            if master:
+            if master:  # above the progress bar
                 tqdm.write(f"step {done} | loss {train_loss:.4f} | lr {lr:.1e} | {ips:.0f} img/s")
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.1e}", img_s=f"{ips:.0f}")
             loss_sum.zero_()
             logged = done, seen, train_s
         if master and evaluate:
