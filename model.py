@@ -88,8 +88,8 @@ def add_noise(x0, eps, t, alpha_bar):  # the forward process; x0, eps: (B, 1, H,
     return a.sqrt() * x0 + (1 - a).sqrt() * eps  # xt
 
 
-def target(x0, eps, t, alpha_bar, prediction="v_prediction"):  # what the UNet learns to output: eps or v
-    return eps if prediction == "epsilon" else add_noise(eps, -x0, t, alpha_bar)  # v: the forward process of (eps, -x0)
+def target(x0, eps, t, alpha_bar, prediction="v_prediction"):  # what the UNet learns to output: eps, or v (above)
+    return eps if prediction == "epsilon" else add_noise(eps, -x0, t, alpha_bar)  # v = sqrt(a) eps - sqrt(1-a) x0
 
 
 def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=5.0):  # the defaults are train.py's
