@@ -1,14 +1,13 @@
 """
-Train the class-conditional DDPM on prepared chest X-rays (prepare_data.py output): eps-MSE, AdamW, EMA, CFG.
+train.py - train the class-conditional DDPM on prepared chest X-rays (prepare_data.py output): MSE, AdamW, EMA, CFG.
 
     python train.py --batch-size 8                                    # data/nih -> runs/nih-base-256
     python train.py --data-dir data/pmnist32 --batch-size 32 --max-steps 8000 --snapshot-every 1000   # 32 px on a CPU
     torchrun --nproc_per_node 4 train.py --batch-size 8               # DDP, batch 8 per GPU
     python train.py --resume --out-dir runs/nih-base-256              # continue where it stopped (or was stopped)
 
-Writes into --out-dir: ckpt.pt (model, EMA, optimizer, step, RNG: all --resume needs), metrics.csv,
-samples_step{N:06d}.png (EMA samples, one row per class), snapshots/ (--snapshot-every, for curve.py), and the
-export: unet/ + scheduler/ + README.md (a model card), loadable with diffusers alone.
+Writes into --out-dir: ckpt.pt (all --resume needs), metrics.csv, samples_step{N:06d}.png (EMA samples, a row per
+class), snapshots/ (--snapshot-every, for curve.py) and the export: unet/ + scheduler/ + README.md (a model card).
 Ctrl-C or SIGTERM (once or repeated): finish the step, save, exit 0; a second Ctrl-C aborts.
 """
 import argparse
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
@@ -47,15 +47,15 @@ def die(msg):
     raise SystemExit(f"train.py: error: {msg}")
 
 
-def get_parser():
-    p = argparse.ArgumentParser(description="train the class-conditional chest X-ray DDPM", formatter_class=HelpFormatter)
-    # ---- data ----
-    p.add_argument("--data-dir", default="data/nih", help="prepare_data.py --out folder (train.csv, val.csv, cache.npy)")
+def parse_args(argv):
+    """The flags, checked; on --resume the checkpoint's, but for those given again. -> (args, the checkpoint or None)"""
+    p = argparse.ArgumentParser(description="train the class-conditional CXR DDPM", formatter_class=HelpFormatter)
+    # ---- data and model ----
+    p.add_argument("--data-dir", default="data/nih", help="prepare_data.py --out folder (train/val.csv, cache.npy)")
     p.add_argument("--out-dir", default=None, help="run folder (default runs/<data dir name>-<preset>-<size>)")
-    p.add_argument("--balance", default="none", help="class weights for drawing training images: none|sqrt|inverse")
+    p.add_argument("--balance", default="none", choices=["none", "sqrt", "inverse"], help="class weights of the draw")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader processes (default: 0 on a CPU with "
-                   "cache.npy, where reading a batch costs nothing and a worker only takes a core from training; else 4)")
-    # ---- model ----
+                   "cache.npy, where a worker only takes a core from training; else 4)")
     auto = ", ".join(f"{size} px {name}" for size, name in AUTO.items())
     p.add_argument("--preset", default="auto", help=f"UNet size: auto ({auto}, larger base) or {', '.join(PRESETS)}")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the cache's, else 256)")
@@ -64,35 +64,60 @@ def get_parser():
     p.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate (default per preset: {PRESET_LR})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--max-steps", type=int, default=100_000, help="optimizer steps in all (the cosine ends here)")
-    p.add_argument("--warmup-steps", type=int, default=None, help=f"linear LR warmup steps (default: max-steps/{WARMUP_SHARE}, at most 1000)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear LR warmup steps (default: max-steps/{WARMUP_SHARE}, at most 1000)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for samples/export")
-    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null label (classifier-free guidance)")
-    p.add_argument("--prediction", default="v", help="what the UNet predicts: v (Salimans & Ho 2022; measured, README) | eps (the noise, the seed's)")
-    p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: DDPM's linear betas)")
-    p.add_argument("--loss", default="mse", help="MSE weighting over t: mse (plain; measured, README) | min-snr (Hang et al. 2023)")
-    p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr: weight min(SNR(t), gamma) / SNR(t)")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="P(null label), for classifier-free guidance")
+    p.add_argument("--prediction", default="v", choices=["v", "eps"], help="v: measured best (README); eps: the seed's")
+    p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: linear betas)")
+    p.add_argument("--loss", default="mse", choices=["mse", "min-snr"], help="MSE weights over t (mse: all 1; README)")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr (Hang et al. 2023)")
     # ---- system ----
-    p.add_argument("--amp", default="auto", help="auto|bf16|fp16|off (auto: bf16 on GPUs with bf16 cores, else fp16; CPU: fp32, or bf16)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast (auto: bf16 on GPUs with bf16 cores, else fp16; fp32 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    p.add_argument("--fast-path", action="store_true", help="channels_last + fused AdamW on CPU as on CUDA (tests the GPU path)")
+    p.add_argument("--fast-path", action="store_true", help="the GPU path on a CPU: channels_last + fused AdamW")
     p.add_argument("--device", default=None, help="cuda|cpu (default cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the noise")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if it has no ckpt.pt; "
-                   "a finished run just exports again), so the same command can be run again")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if it has no "
+                   "ckpt.pt; a finished run just exports again), so the same command can be run again")
     # ---- logging (an --*-every of 0 turns it off) ----
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines / metrics.csv rows")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between val losses")
     p.add_argument("--save-every", type=int, default=1000, help="steps between ckpt.pt saves (also saved at the end)")
-    p.add_argument("--snapshot-every", type=int, default=0, help="steps between EMA snapshots kept in snapshots/ (curve.py)")
+    p.add_argument("--snapshot-every", type=int, default=0, help="steps between EMA snapshots in snapshots/ (curve.py)")
     p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids")
-    p.add_argument("--sample-guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale of the grids")
+    p.add_argument("--sample-guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance of grids")
     p.add_argument("--sample-per-class", type=int, default=4, help="images per class (row) in a grid")
-    return p
+    args, ckpt = p.parse_args(argv), None
+    if args.out_dir is None:
+        size = args.image_size or cache_size(args.data_dir) or 256
+        name = os.path.basename(os.path.normpath(args.data_dir))
+        args.out_dir = os.path.join("runs", f"{name}-{pick_preset(args.preset, size)}-{size}")
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and os.path.exists(path):
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as e:
+            die(f"--resume: {e}")
+        before_v = {"prediction": "eps", "shift": 1.0}  # what a checkpoint that does not record them was trained with
+        p.set_defaults(**{**before_v, **ckpt["args"], "out_dir": args.out_dir})
+        args = p.parse_args(argv)
+    elif os.path.exists(path):
+        die(f"{args.out_dir} already holds a run (ckpt.pt): pass --resume to continue it or choose another --out-dir")
+    for flag in ("batch_size", "max_steps", "grad_accum", "sample_per_class"):
+        if getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.preset not in PRESETS and args.preset != "auto":
+        die(f"--preset {args.preset}: unknown; choose from auto, {', '.join(PRESETS)}")
+    if not (args.snr_gamma > 0 and args.shift > 0):
+        die(f"--snr-gamma {args.snr_gamma} / --shift {args.shift}: must be > 0")
+    return args, ckpt
 
 # -----------------------------------------------------------------------------
-# schedules: learning rate (linear warmup, then cosine to 0) and the EMA of the weights
+# schedules: learning rate (linear warmup, then cosine to 0), the EMA of the weights, label dropout
 
 
 def lr_at(step, lr, warmup_steps, max_steps):
@@ -103,15 +128,12 @@ def lr_at(step, lr, warmup_steps, max_steps):
 
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, for every parameter (the UNet has no buffers that learn)."""
+def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; the UNet has no buffers that learn
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one op, not ~300 small ones
 
 
-def drop_labels(y, cond_drop, g):
-    """Classifier-free guidance training: each label becomes NULL_CLASS with probability cond_drop."""
-    drop = torch.rand(y.shape, generator=g, device=y.device) < cond_drop
-    return torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+def drop_labels(y, cond_drop, g):  # classifier-free guidance training: a label becomes NULL_CLASS with p = cond_drop
+    return y.masked_fill(torch.rand(y.shape, generator=g, device=y.device) < cond_drop, NULL_CLASS)
 
 # -----------------------------------------------------------------------------
 # data: the order of training images is a function of (seed, position) alone, so --resume is exact
@@ -131,7 +153,8 @@ def index_stream(weights, balanced, seed, start):
     epoch, i = divmod(start, n)
     while True:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.multinomial(weights, n, replacement=True, generator=g) if balanced else torch.randperm(n, generator=g)
+        order = (torch.multinomial(weights, n, replacement=True, generator=g) if balanced
+                 else torch.randperm(n, generator=g))
         yield from order[i:].tolist()
         epoch, i = epoch + 1, 0
 
@@ -152,7 +175,7 @@ def load_batch(rows, cache, cache_row, path, class_id, size):
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(class_id[rows])
 
 
-def read_split(data_dir, split):
+def read_split(data_dir, split):  # -> load_batch's cache_row, path and class_id, as arrays
     csv = os.path.join(data_dir, f"{split}.csv")
     if not os.path.isfile(csv):
         die(f"--data-dir {data_dir}: no {split}.csv; prepare the data first: python prepare_data.py "
@@ -163,35 +186,31 @@ def read_split(data_dir, split):
         die(f"{csv}: no column {sorted(missing)[0]!r}; rerun prepare_data.py")
     if len(df) == 0:
         die(f"{csv}: the {split} split has no rows")
-    return df
+    return {c: df[c].to_numpy() for c in ("cache_row", "path", "class_id")}
 
 
-def cache_size(data_dir):
+def cache_size(data_dir):  # None: no cache.npy (prepare_data.py --no-cache), the workers decode the PNGs
     cache = os.path.join(data_dir, "cache.npy")
     return np.load(cache, mmap_mode="r").shape[1] if os.path.isfile(cache) else None
 
 
-def default_out_dir(args):
-    size = args.image_size or cache_size(args.data_dir) or 256
-    return os.path.join("runs", f"{os.path.basename(os.path.normpath(args.data_dir))}-{pick_preset(args.preset, size)}-{size}")
+def ignore_signals(worker_id):  # DataLoader workers leave Ctrl-C / SIGTERM to the main process, which saves
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 # -----------------------------------------------------------------------------
-# evaluation, samples, checkpoint helpers
+# evaluation, samples, the run folder
 
 
 @torch.no_grad()
-def val_loss(unet, xt, t, y, target, weight, batch_size, autocast):
-    """The training loss (weighted MSE, no label dropout) on the fixed val subset: fixed xt, t and noise, so only the
-    weights change between calls, and train and val losses read on the same footing."""
+def val_loss(loss_per_image, unet, val_set, batch_size):
+    """The training loss (no label dropout) on the fixed val subset: fixed x0, t and noise, so only the weights change
+    between calls, and train and val losses read on the same footing."""
     unet.eval()
-    total = torch.zeros((), device=xt.device)
-    for i in range(0, len(xt), batch_size):
-        s = slice(i, i + batch_size)
-        with autocast():
-            pred = unet(xt[s], t[s], class_labels=y[s]).sample.float()
-        total += (weight[s] * (pred - target[s]).pow(2).mean((1, 2, 3))).sum()
+    n = len(val_set[0])
+    total = sum(loss_per_image(unet, *(v[i:i + batch_size] for v in val_set)).sum() for i in range(0, n, batch_size))
     unet.train()
-    return total.item() / len(xt)
+    return total.item() / n
 
 
 def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule):
@@ -205,9 +224,8 @@ def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule):
     rows = x.reshape(len(CLASSES), per_class, size, size).transpose(0, 2, 1, 3).reshape(len(CLASSES) * size, -1)
     im = Image.new("L", (LABEL_W + rows.shape[1], rows.shape[0]))
     im.paste(Image.fromarray(rows), (LABEL_W, 0))
-    draw = ImageDraw.Draw(im)
     for c, name in enumerate(CLASSES):
-        draw.text((2, c * size + size // 2 - 6), name, fill=255)
+        ImageDraw.Draw(im).text((2, c * size + size // 2 - 6), name, fill=255)
     info = PngInfo()  # synthetic images must be recognisable as synthetic
     info.add_text("synthetic", "1")
     info.add_text("source", f"train.py EMA step {step}, {DEFAULT_SAMPLER}, guidance {guidance}")
@@ -231,91 +249,79 @@ def set_rng_state(rng):
 
 
 def append_metrics(path, step, time_s, loss="", lr="", img_per_s="", val=""):
-    new = not os.path.exists(path)
+    header = "" if os.path.exists(path) else "step,time_s,loss,lr,img_per_s,val_loss\n"
     with open(path, "a") as f:
-        f.write(("step,time_s,loss,lr,img_per_s,val_loss\n" if new else "")
-                + f"{step},{time_s:.1f},{loss},{lr},{img_per_s},{val}\n")
+        f.write(f"{header}{step},{time_s:.1f},{loss},{lr},{img_per_s},{val}\n")
 
 
-def due(step, every):
-    return every > 0 and step % every == 0  # an --*-every of 0 turns the activity off
-
-
-def ignore_signals(worker_id):
-    # DataLoader workers leave Ctrl-C / SIGTERM to the main process, which finishes the step and saves
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def window_loss(loss_sum, n, world):
-    """Mean training loss since the last log over all ranks; the only place the loss leaves the GPU."""
-    loss_sum = loss_sum.clone()
+def rank_sum(x, world):  # x summed over the DDP ranks (the loop's only syncs); x itself in a single process
     if world > 1:
-        dist.all_reduce(loss_sum)
-    return loss_sum.item() / max(1, n * world)
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
-    parser = get_parser()
-    args, ckpt = parser.parse_args(argv), None
-    args.out_dir = args.out_dir or default_out_dir(args)
-    if args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):  # flags not given again: the checkpoint's
-        try:
-            ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-        except ValueError as e:
-            die(f"--resume: {e}")
-        before_v = {"prediction": "eps", "shift": 1.0}  # what a checkpoint that does not record them was trained with
-        parser.set_defaults(**{**before_v, **{k: v for k, v in ckpt["args"].items() if k not in ("resume", "out_dir")}})
-        args = parser.parse_args(argv)
-    for flag in ("batch_size", "max_steps", "grad_accum", "sample_per_class"):
-        if getattr(args, flag) < 1:
-            die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    if args.preset not in PRESETS and args.preset != "auto":
-        die(f"--preset {args.preset}: unknown; choose from auto, {', '.join(PRESETS)}")
-    if args.balance not in ("none", "sqrt", "inverse"):
-        die(f"--balance {args.balance}: choose none, sqrt or inverse")
-    if args.loss not in ("mse", "min-snr") or args.snr_gamma <= 0:
-        die(f"--loss {args.loss} / --snr-gamma {args.snr_gamma}: choose mse or min-snr, and a gamma > 0")
-    if args.prediction not in ("eps", "v") or not args.shift > 0:
-        die(f"--prediction {args.prediction} / --shift {args.shift}: choose eps or v, and a shift > 0")
-
-    # ---- data ----
-    train_df, val_df = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
-    cached = cache_size(args.data_dir)  # None: no cache.npy (prepare_data.py --no-cache), decode PNGs in the workers
-    cache = os.path.join(args.data_dir, "cache.npy") if cached else None
-    args.image_size = size = args.image_size or cached or 256
-    args.preset = pick_preset(args.preset, size)  # the checkpoint records the preset that was built
-    args.lr = args.lr if args.lr is not None else PRESET_LR[args.preset]  # recorded in the checkpoint: --resume keeps it
-    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else min(1000, args.max_steps // WARMUP_SHARE)
-    if cached and size != cached:
-        die(f"--image-size {size} does not match {cache} ({cached}x{cached}); leave it out or rerun prepare_data.py --size {size}")
-    if ckpt is None and os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
-        die(f"{args.out_dir} already holds a run (ckpt.pt): pass --resume to continue it or choose another --out-dir")
-    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != CLASSES):
-        die(f"--resume: {args.out_dir}/ckpt.pt was trained at {ckpt['image_size']}px on classes {ckpt['classes']}, "
-            f"not at {size}px on {CLASSES}; use another --out-dir")
-
-    # ---- processes, device, precision ----
+    # ---- setup: flags, processes, device, precision, the noise schedule and the loss ----
+    args, ckpt = parse_args(argv)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
+    master = rank == 0  # rank 0 alone logs and writes
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = set_threads(device)  # the free cores, or OMP_NUM_THREADS
-    workers = args.num_workers if args.num_workers is not None else 0 if cache and device.type == "cpu" else 4
-    cuda, master = device.type == "cuda", rank == 0  # rank 0 alone logs and writes
+    threads, cuda = set_threads(device), device.type == "cuda"  # threads: the free cores, or OMP_NUM_THREADS
     if world > 1:
         if cuda:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     amp = args.amp if args.amp != "auto" else auto_amp(device)
-    if amp not in ("bf16", "fp16", "off") or (amp == "fp16" and not cuda):  # CPU autocast has bf16, no GradScaler
-        die(f"--amp {args.amp}: choose auto, bf16, fp16 or off (fp16 needs CUDA; the CPU trains in fp32 or bf16)")
+    if amp == "fp16" and not cuda:  # CPU autocast has bf16, no GradScaler
+        die(f"--amp {args.amp}: fp16 needs CUDA; the CPU trains in fp32 or bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = partial(torch.autocast, device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")  # fp16 only: bf16 has fp32's range
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = cuda  # fixed shapes: cuDNN times its conv algorithms once and keeps the fastest
+    schedule = dict(prediction={"eps": "epsilon", "v": "v_prediction"}[args.prediction], shift=args.shift)
+    noise_schedule = make_schedule(**schedule)
+    alpha_bar = noise_schedule.alphas_cumprod.to(device)  # (1000,)
+    loss_weight = loss_weights(alpha_bar, schedule["prediction"], args.loss, args.snr_gamma)  # (1000,)
+
+    def loss_per_image(net, x0, eps, t, y):  # (B,): the weighted MSE of the UNet's eps or v, for training and val alike
+        xt = add_noise(x0, eps, t, alpha_bar)
+        with autocast():
+            pred = net(xt, t, class_labels=y).sample.float()  # (B, 1, H, W)
+        return loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))
+
+    # ---- data: the stream of training batches from where the run stands, and the fixed val set ----
+    train, val = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
+    cached = cache_size(args.data_dir)
+    cache = os.path.join(args.data_dir, "cache.npy") if cached else None
+    args.image_size = size = args.image_size or cached or 256
+    args.preset = pick_preset(args.preset, size)  # the checkpoint records the preset that was built
+    args.lr = args.lr if args.lr is not None else PRESET_LR[args.preset]  # recorded, so --resume keeps it
+    args.warmup_steps = min(1000, args.max_steps // WARMUP_SHARE) if args.warmup_steps is None else args.warmup_steps
+    if cached and size != cached:
+        die(f"--image-size {size} does not match {cache} ({cached}px); omit it or use prepare_data.py --size {size}")
+    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != CLASSES):
+        die(f"--resume: {ckpt_path} was trained at {ckpt['image_size']}px on classes {ckpt['classes']}, "
+            f"not at {size}px on {CLASSES}; use another --out-dir")
+    start, seen, train_s = (ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)) if ckpt else (0, 0, 0.0)
+    workers = args.num_workers if args.num_workers is not None else 0 if cache and device.type == "cpu" else 4
+    stream = index_stream(class_weights(train["class_id"], args.balance), args.balance != "none", args.seed, seen)
+    loader = torch.utils.data.DataLoader(
+        range(len(train["path"])), batch_sampler=rank_batches(stream, args.batch_size, rank, world),
+        collate_fn=partial(load_batch, cache=cache, size=size, **train),  # runs in the workers
+        num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_signals)
+    if master and args.eval_every:
+        g = torch.Generator().manual_seed(VAL_SEED)
+        rows = torch.randperm(len(val["path"]), generator=g)[:VAL_IMAGES].tolist()
+        x0, y_val = load_batch(rows, cache, size=size, **val)
+        x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
+        t_val, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
+        val_set = [v.to(device) for v in (x0, eps, t_val, y_val)]
 
     # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
     torch.manual_seed(args.seed)
@@ -324,52 +330,30 @@ def main(argv=None):
     except ValueError as e:
         die(f"--image-size {size} / --preset {args.preset}: {e}")
     if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
-        die(f"--resume: {args.out_dir}/ckpt.pt holds another UNet (not --preset {args.preset}); use another --out-dir")
+        die(f"--resume: {ckpt_path} holds another UNet (not --preset {args.preset}); use another --out-dir")
     gpu_path = cuda or args.fast_path  # --fast-path: the same layout and optimizer on the CPU, so tests run them
-    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # bench's "+ channels_last" row decides
+    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # bench.py's channels_last row decides
     unet = unet.to(device, memory_format=memory_format).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     try:  # fused: one kernel for all ~300 tensors
         opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=gpu_path or None)
     except RuntimeError as e:
         die(f"fused AdamW on {device}: {e} (--fast-path on a CPU needs torch >= 2.4)")
-    start, seen, train_s = 0, 0, 0.0  # optimizer steps done, images drawn by all ranks, seconds spent training
     if ckpt is not None:
         unet.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        ckpt["optimizer"]["param_groups"] = opt.state_dict()["param_groups"]  # this run's fused, weight_decay: not the saved
+        ckpt["optimizer"]["param_groups"] = opt.state_dict()["param_groups"]  # this run's fused, weight_decay
         opt.load_state_dict(ckpt["optimizer"])
         for p, s in opt.state.items():  # Adam moments in their weight's layout (a channels_last run saved them, or not)
             s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if k != "step"})
         if ckpt["scaler"]:  # empty when saved without fp16
             scaler.load_state_dict(ckpt["scaler"])
-        start, seen, train_s = ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)
         set_rng_state(ckpt["rng"])
         ckpt = None  # its tensors now live in the model, EMA and optimizer: free the copies (~1.8 GB at base, per rank)
-    # compile(DDP(unet)), PyTorch's order: the all-reduce overlaps the backward; unet stays bare (saved keys: no prefix)
-    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None) if world > 1 else unet
-    model = torch.compile(model) if args.compile else model
-    schedule = dict(prediction={"eps": "epsilon", "v": "v_prediction"}[args.prediction], shift=args.shift)
-    noise_schedule = make_schedule(**schedule)
-    alpha_bar = noise_schedule.alphas_cumprod.to(device)  # (1000,)
-    loss_weight = loss_weights(alpha_bar, schedule["prediction"], args.loss, args.snr_gamma)  # (1000,)
+    model = DDP(unet, device_ids=[device.index] if cuda else None) if world > 1 else unet  # unet stays bare: its keys
+    model = torch.compile(model) if args.compile else model  # compile(DDP(unet)): the all-reduce overlaps the backward
 
-    # ---- the stream of training batches, and the fixed val set ----
-    stream = index_stream(class_weights(train_df.class_id.to_numpy(), args.balance), args.balance != "none", args.seed, seen)
-    batches = iter(torch.utils.data.DataLoader(
-        range(len(train_df)), batch_sampler=rank_batches(stream, args.batch_size, rank, world),
-        collate_fn=partial(load_batch, cache=cache, cache_row=train_df.cache_row.to_numpy(),  # runs in the workers
-                           path=train_df.path.to_numpy(), class_id=train_df.class_id.to_numpy(), size=size),
-        num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_signals))
-    if master and args.eval_every:
-        g = torch.Generator().manual_seed(VAL_SEED)
-        rows = torch.randperm(len(val_df), generator=g)[:VAL_IMAGES].tolist()
-        x0, y_val = load_batch(rows, cache, *(val_df[c].to_numpy() for c in ("cache_row", "path", "class_id")), size)
-        x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
-        t_val, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
-        val_set = [v.to(device) for v in (add_noise(x0, eps, t_val, alpha_bar.cpu()), t_val, y_val,
-                                           target(x0, eps, t_val, alpha_bar.cpu(), schedule["prediction"]))]
-        val_set.append(loss_weight[val_set[1]])  # xt, t, y, target, weight
+    # ---- the run folder: metrics.csv, checkpoints; Ctrl-C / SIGTERM finish the step, save and exit 0 ----
     metrics = os.path.join(args.out_dir, "metrics.csv")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -377,23 +361,16 @@ def main(argv=None):
             m = pd.read_csv(metrics, dtype=str, keep_default_na=False)  # as written: no float reformatting
             m[m.step.astype(int) <= start].to_csv(f"{metrics}.tmp", index=False)
             os.replace(f"{metrics}.tmp", metrics)
-        print(f"train.py: {len(train_df)} train / {len(val_df)} val images, {size}px, preset {args.preset}, "
-              f"{world} process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, steps {start}->{args.max_steps}, out {args.out_dir}")
+        print(f"train.py: {len(train['path'])} train / {len(val['path'])} val images, {size}px, preset {args.preset}, "
+              f"{world} process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, "
+              f"steps {start}->{args.max_steps}, out {args.out_dir}")
 
-    def checkpoint(step):
-        save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
-            "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "samples_seen": seen, "unet_config": unet_config(unet),
-            "classes": list(CLASSES), "image_size": size, "args": vars(args), "rng": rng_state(), "time_s": train_s,
-            "schedule": schedule})
-
-    def snapshot(step):  # the EMA weights alone: sample.py and curve.py read it like a ckpt.pt
-        path = os.path.join(args.out_dir, "snapshots", f"ema_step{step:06d}.pt")
+    def checkpoint(path, **state):  # ckpt.pt: + all --resume needs; a snapshot: the EMA alone (sample.py, curve.py)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_checkpoint(path, {"ema": ema.state_dict(), "step": step, "time_s": train_s, "unet_config": unet_config(unet),
-                               "classes": list(CLASSES), "image_size": size, "args": vars(args), "schedule": schedule})
-
-    stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit 0
+        save_checkpoint(path, {"ema": ema.state_dict(), "step": done, "time_s": train_s, "schedule": schedule,
+                               "unet_config": unet_config(unet), "classes": list(CLASSES), "image_size": size,
+                               "args": vars(args), **state})
+    stop = []
 
     def on_signal(signum, frame):
         if stop and signum == signal.SIGINT:  # a second Ctrl-C quits at once, without saving; a repeated SIGTERM
@@ -404,14 +381,13 @@ def main(argv=None):
 
     # ---- the loop ----
     g = torch.Generator(device)  # t, eps and label dropout; reseeded from (seed, micro-step, rank) each micro-step
-    loss_sum, n_loss = torch.zeros((), device=device), 0  # the loss stays on the device: no sync per step
-    t0, n_img, done = time.time(), 0, start
-    t_last = t0  # train_s counts the training steps only, not the val losses, grids and saves
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=device)  # the loss stays on the device: no sync per step
+    batches, done, t_last = iter(loader), start, time.time()  # train_s: the training steps' seconds, no saves or evals
+    logged = start, seen, train_s  # at the last log line, for the mean loss and img/s since
+    due = lambda every: every > 0 and done % every == 0  # an --*-every of 0 turns the activity off
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank > 0, dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = opt.param_groups[0]["lr"] = lr_at(step, args.lr, args.warmup_steps, args.max_steps)  # the UNet's one group
         for micro in range(args.grad_accum):
             x0, y = next(batches)  # uint8 (B, 1, H, W), (B,)
             x0 = (x0.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=memory_format)
@@ -419,12 +395,9 @@ def main(argv=None):
             t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), generator=g, device=device)  # (B,) uniform
             eps = torch.randn(x0.shape, generator=g, device=device)  # (B, 1, H, W)
             y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g)
-            xt = add_noise(x0, eps, t, alpha_bar)
             # DDP averages the gradients on the last micro-batch only
             with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
-                with autocast():
-                    pred = model(xt, t, class_labels=y).sample.float()  # (B, 1, H, W): eps or v
-                loss = (loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))).mean()
+                loss = loss_per_image(model, x0, eps, t, y).mean()
                 scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if args.clip > 0:
@@ -434,48 +407,38 @@ def main(argv=None):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
-        done, n_loss = step + 1, n_loss + 1
-        seen += args.batch_size * args.grad_accum * world
-        n_img += args.batch_size * args.grad_accum * world
-
+        done, seen = step + 1, seen + args.batch_size * args.grad_accum * world
         train_s += time.time() - t_last
+
         stopping = bool(stop)  # read once: a signal arriving after this line is handled at the next step
-        if world > 1:  # every rank must stop at the same step, or the others wait forever in the next all-reduce;
-            stopping = False  # agreeing costs a device sync, so the ranks compare notes every STOP_CHECK steps
-            if done % STOP_CHECK == 0:
-                flag = torch.tensor(float(bool(stop)), device=device)
-                dist.all_reduce(flag)
-                stopping = flag.item() > 0
-        log, evaluate = due(done, args.log_every), due(done, args.eval_every)
-        grid = due(done, args.sample_every) or (args.sample_every > 0 and done == args.max_steps)  # and the last step
-        snap = due(done, args.snapshot_every)
-        save = due(done, args.save_every) or done == args.max_steps or stopping
+        if world > 1:  # all ranks stop at one step (or the rest hang in the next all-reduce), agreed every STOP_CHECK
+            stopping = done % STOP_CHECK == 0 and bool(rank_sum(torch.tensor(float(stopping), device=device), world))
+        log, evaluate = due(args.log_every), due(args.eval_every)
+        save = due(args.save_every) or done == args.max_steps or stopping
         if log or save:  # on every rank: the mean loss is all-reduced
-            train_loss = window_loss(loss_sum, n_loss, world)
+            train_loss = rank_sum(loss_sum, world).item() / ((done - logged[0]) * world)
             if not math.isfinite(train_loss):
                 die(f"loss is {train_loss} at step {done}; stopped. The last good checkpoint stays in {args.out_dir}")
         if log:
-            ips = n_img / (time.time() - t0)
-            if master:
+            ips = (seen - logged[1]) / (train_s - logged[2])
+            if master:  # above the progress bar
                 tqdm.write(f"step {done} | loss {train_loss:.4f} | lr {lr:.1e} | {ips:.0f} img/s")
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.1e}", img_s=f"{ips:.0f}")
             loss_sum.zero_()
-            n_loss, t0, n_img = 0, time.time(), 0
+            logged = done, seen, train_s
         if master and evaluate:
-            v = val_loss(unet, *val_set, args.batch_size, autocast)
+            v = val_loss(loss_per_image, unet, val_set, args.batch_size)
             tqdm.write(f"step {done} | val loss {v:.4f}")
         if master and (log or evaluate):
             append_metrics(metrics, done, train_s, *((f"{train_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}") if log else ()),
                            val=f"{v:.6g}" if evaluate else "")
-        if master and grid:
+        if master and (due(args.sample_every) or args.sample_every > 0 and done == args.max_steps):  # and the last
             save_grid(ema, os.path.join(args.out_dir, f"samples_step{done:06d}.png"), args.sample_per_class,
                       args.sample_guidance, done, device, autocast, noise_schedule)
         if master and save:
-            checkpoint(done)
-        if master and snap:
-            snapshot(done)
-        if evaluate or grid or save or snap:
-            t0, n_img = time.time(), 0  # img/s measures training only
+            checkpoint(ckpt_path, model=unet.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                       samples_seen=seen, rng=rng_state())
+        if master and due(args.snapshot_every):
+            checkpoint(os.path.join(args.out_dir, "snapshots", f"ema_step{done:06d}.pt"))
         t_last = time.time()
         if stopping:
             break
@@ -487,7 +450,7 @@ def main(argv=None):
     if master:
         export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir,
                           noise_schedule)
-        print(f"train.py: step {done}: wrote {args.out_dir}/ckpt.pt and {args.out_dir}/unet")
+        print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet")
     if world > 1:  # wait until every rank is here, so no gloo worker still holds a tensor from the last all-reduce:
         dist.barrier()  # tearing the group down under one deadlocks on the GIL (seen here as a hang at exit)
         del model  # DDP's reducer holds the group: drop it first

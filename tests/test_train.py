@@ -507,3 +507,12 @@ def test_resume_starts_a_new_run_and_rerunning_a_finished_one_changes_nothing(tm
     unet, _ = run(data, tmp_path / "r", *cmd)
     again = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
     assert again["step"] == 3 and sd_equal(again["model"], first["model"]) and sd_equal(unet.state_dict(), first["model"])
+
+
+def test_resume_without_out_dir_continues_the_default_run_folder(tmp_path, monkeypatch):
+    """--resume and no --out-dir: the run in runs/<data dir>-<preset>-<size>, found again on every rerun."""
+    data = make_data(tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    for steps in ("1", "2"):
+        train.main(["--data-dir", data, *TINY, "--resume", "--batch-size", "4", "--max-steps", steps])
+    assert model.load_checkpoint(str(tmp_path / "runs" / "d-tiny-32"))["step"] == 2
