@@ -131,21 +131,18 @@ def whole_loop(args, device):
                 return {"commands": rows}  # the log says why; bench.md shows the exit code
         shutil.copy(os.path.join(run, "metrics.csv"), os.path.join(out, "metrics.csv"))
         shutil.copy(os.path.join(run, f"samples_step{steps:06d}.png"), os.path.join(out, "samples.png"))
-    W, H, pad = 640, 360, 50  # loss_curve.png: loss and val loss by step, log y, drawn with PIL as curve.py draws
     m = np.genfromtxt(os.path.join(out, "metrics.csv"), delimiter=",", names=True)
     lo, hi = np.log10(np.nanmin([m["loss"], m["val_loss"]])), np.log10(np.nanmax([m["loss"], m["val_loss"]]))
-    X = lambda s: pad + (W - 2 * pad) * s / m["step"].max()
-    Y = lambda v: H - pad - (H - 2 * pad) * (np.log10(v) - lo) / max(hi - lo, 1e-6)
+    W, H, pad = 640, 360, 50  # loss_curve.png: loss and val loss by step, log y, drawn with PIL as curve.py draws
     im = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(im)
     draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
-    draw.text((pad, 15), f"train.py loss (blue), val loss (red), log scale, steps 0-{m['step'].max():.0f}",
-              fill="black")
-    for v in (10 ** lo, 10 ** hi):
-        draw.text((5, Y(v) - 6), f"{v:.3g}", fill="black")
+    draw.text((pad, 15), f"train.py loss (blue), val loss (red), log scale {10 ** lo:.3g} to {10 ** hi:.3g}, "
+              f"steps 0-{m['step'].max():.0f}", fill="black")
     for col, color in (("loss", (31, 119, 180)), ("val_loss", (214, 39, 40))):
         ok = np.isfinite(m[col])
-        pts = list(zip(X(m["step"][ok]).tolist(), Y(m[col][ok]).tolist()))
+        pts = list(zip((pad + (W - 2 * pad) * m["step"][ok] / m["step"].max()).tolist(),
+                       (H - pad - (H - 2 * pad) * (np.log10(m[col][ok]) - lo) / max(hi - lo, 1e-6)).tolist()))
         draw.line(pts, fill=color, width=2) if len(pts) > 1 else None
         for px, py in pts:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
@@ -287,7 +284,7 @@ def main(argv=None):
         f"| batch 32, fastest row over fp32 eager | {ratio(best[32] or {}, eager)} | >= x3 |",
         f"| img/s at batch 8, fastest row | {cell(best[8], 'img_s', '.1f')} | >= 120 |",
         f"| sampling: {s[0]['sampler']} over {s[-1]['sampler']} | {ratio(s[0], s[-1])} | >= x40 at equal label "
-        "fidelity (fidelity measured on a CPU at 32 px only: README) |")
+        "fidelity (fidelity measured on a CPU at 32 px only: docs/results.md) |")
     write(os.path.join(args.out_dir, "bench.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     print(f"wrote {args.out_dir}/bench.json and bench.md")
     return report

@@ -87,7 +87,7 @@ def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
                   else np.arange(np.ceil(lo / step - 1e-9) * step, hi + 1e-9, step))
         for v in yticks:
             draw.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
-            draw.text((x0 - 40, Y(v) - 6), f"{v:.3g}", fill="black")
+            draw.text((x0 - 40, Y(v) - 6), f"{round(v, 6) + 0.0:.3g}", fill="black")  # + 0.0: no "-0"
         xticks = sorted(set(xs)) if log_x else np.arange(0, xhi, 10 if xhi > 40 else 5)  # k as drawn; round minutes
         for m in xticks:
             draw.line([X(m), y1, X(m), y1 + 4], fill="black")

@@ -438,7 +438,7 @@ def main(argv=None):
         keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
         xk, yk = xs[keep], ys[keep]
         sets = {"train": (xtr, ytr, None), "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]),
-                len(xtr)), "synth": (xk, yk, None)}  # the order bootstrap_auc's diff needs: train+synth - train
+                len(xtr)), **({"synth": (xk, yk, None)} if len(np.unique(yk)) > 1 else {})}  # diff: [1] - [0]
         probs = {m: [predict(fit(x, y, xva, yva, args, "real" if m == "train" else m, out, sd, digests, n)[0], xte, B,
                              dev)[0] for sd in seeds] for m, (x, y, n) in sets.items()}
         R["settings"]["n_synthetic_used"] = int(keep.sum())
@@ -482,7 +482,8 @@ def main(argv=None):
                f"{n['n_synthetic_used']} of the {n['n_synthetic']} synthetic images used (--filter {args.filter}).\n",
                table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic",
                       f"sensitivity at specificity {args.specificity:g}: real / + synthetic / gain"],
-                     [[c] + [ci(pick(U[m][c], "auc"), 1, 3) for m in ("train", "train+synth", "synth", "diff")]
+                     [[c] + [ci(pick(U[m][c], "auc"), 1, 3) if m in U else "-" for m in ("train", "train+synth",
+                                                                                          "synth", "diff")]
                       + [" / ".join(ci(pick(U[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
                       for c in list(P) + ["macro"] if U["train"][c]["auc"] is not None])]
     replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))

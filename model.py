@@ -31,7 +31,7 @@ PRESETS = {  # name: (channels per resolution level, resnet layers per level, Gr
     "tiny":  ((16, 32, 32), 1, 8),                    # CPU tests, <1M, a training step in milliseconds
 }
 MIN_BOTTOM = 4  # the lowest resolution level must keep at least 4x4 pixels
-AUTO = {32: "tiny", 64: "tiny", 128: "small"}  # --preset auto: image size -> preset (larger: base); measured (README)
+AUTO = {32: "tiny", 64: "tiny", 128: "small"}  # --preset auto: size -> preset (larger: base); docs/results.md
 
 
 def pick_preset(preset, image_size):
@@ -113,7 +113,7 @@ SAMPLERS = {  # "trailing" spacing: the first step starts at t=999, pure noise, 
                                                                  thresholding=True, sample_max_value=1.0),
 }
 DEFAULT_STEPS = {"ddim-2m": 25, "ddpm": 1000, "ddim": 50, "dpm++": 25}
-TAIL = (24, 10, 3)  # ddim-2m's last steps; above them its steps are even in t, as ddim's "trailing" ones (README)
+TAIL = (24, 10, 3)  # ddim-2m's last steps; above them even steps in t, as ddim's "trailing" ones (docs/results.md)
 
 
 def make_sampler(name, steps, schedule=None):
@@ -242,7 +242,7 @@ def unet_from_checkpoint(ckpt, ema=True):
 # Export: unet/ (the EMA weights), scheduler/ (CARD_SAMPLER on the training schedule) and README.md (the model card)
 # in the run folder: a model that diffusers alone loads and samples. The card states the defaults below.
 
-DEFAULT_SAMPLER = "ddim-2m"  # sample.py's defaults, chosen by measurement (README)
+DEFAULT_SAMPLER = "ddim-2m"  # sample.py's defaults, chosen by measurement (docs/results.md)
 DEFAULT_GUIDANCE = 1.25  # classifier-free guidance scale
 CARD_SAMPLER = "ddim"  # the card's plain-diffusers loop: ddim-2m's first-order part, a diffusers scheduler
 

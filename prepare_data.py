@@ -2,7 +2,7 @@
 Prepare the NIH ChestX-ray14 images for class-conditional diffusion: pick the single-label images of 6 classes,
 split them 80/10/10 by patient (seeded, stratified), resolve paths, and cache them as one uint8 (N, size, size) array.
 
-    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--size 256] [--aspect pad]
+    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--size 256] [--aspect crop]
     python prepare_data.py --demo --out data/demo [--size 32]   # phantom CXRs, seconds on a CPU
 
 Writes into --out: metadata.parquet, train/val/test.csv, cache.npy (unless --no-cache), missing.csv (listed, not on
@@ -116,7 +116,7 @@ def index_images(root):
     return paths
 
 
-def load_gray(path, size, aspect="pad"):
+def load_gray(path, size, aspect="crop"):
     """One image -> (size, size) uint8 grayscale, antialiased, never flipped; and whether it was non-square."""
     with Image.open(path) as im:
         im.load()
@@ -283,8 +283,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (and of the demo)")
     # ---- cache ----
     p.add_argument("--size", type=int, default=256, help=f"cached image side in pixels, one of {SIZES}")
-    p.add_argument("--aspect", choices=["pad", "crop", "stretch"], default="pad", help="non-square films: pad (black "
-                   "bars, the whole chest kept), crop (centre square, edges lost), stretch (distorts heart and lungs)")
+    p.add_argument("--aspect", choices=["crop", "pad", "stretch"], default="crop", help="non-square films: crop "
+                   "(centre square; docs/results.md), pad (black bars: their shape can give the class away), stretch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
     p.add_argument("--no-cache", action="store_true", help="skip decoding images into cache.npy")
     args = p.parse_args(argv)

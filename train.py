@@ -37,7 +37,7 @@ VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough t
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
 LABEL_W = 80        # pixels left of the sample grid for the class names
 STOP_CHECK = 10     # DDP: steps between the ranks' agreement on Ctrl-C / SIGTERM (a sync)
-# --lr default per preset. tiny: 1e-3 beat 5e-4 on real CXRs at 32 px (README, sweep); small: 5e-4 ran stable there;
+# --lr default per preset. tiny: 1e-3 beat 5e-4 on real CXRs at 32 px (docs/results.md); small: 5e-4 ran stable there;
 # base keeps the seed's 1e-4 (not swept: no GPU yet).
 PRESET_LR = {"tiny": 1e-3, "small": 5e-4, "base": 1e-4}
 WARMUP_SHARE = 80   # default --warmup-steps: max-steps / 80, at most 1000 (seed: always 1000, 2/3 of a short run)
@@ -70,9 +70,9 @@ def parse_args(argv):
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for samples/export")
     p.add_argument("--cond-drop", type=float, default=0.1, help="P(null label), for classifier-free guidance")
-    p.add_argument("--prediction", default="v", choices=["v", "eps"], help="v: measured best (README); eps: the seed's")
+    p.add_argument("--prediction", default="v", choices=["v", "eps"], help="v: measured best (docs/results.md)")
     p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: linear betas)")
-    p.add_argument("--loss", default="mse", choices=["mse", "min-snr"], help="MSE weights over t (mse: all 1; README)")
+    p.add_argument("--loss", default="mse", choices=["mse", "min-snr"], help="MSE weights over t (mse: all 1)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr (Hang et al. 2023)")
     # ---- system ----
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],

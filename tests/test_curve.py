@@ -1,4 +1,5 @@
 """curve.py: every EMA snapshot of a run scored once through sample.py + evaluate.py, then drawn."""
+import json
 import os
 
 import pandas as pd
@@ -58,6 +59,8 @@ def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path, fas
     assert Image.open(tmp_path / "rare" / "rare.png").size == (2 * 560, 340)
     manifest = pd.read_csv(tmp_path / "rare" / "k3" / "run-none-2" / "samples-w1.25-n5" / "manifest.csv")
     assert set(manifest["label"]) == {"Pneumonia"} and (manifest["synthetic"] == 1).all()
+    report = json.loads((tmp_path / "rare" / "k3" / "report" / "report.json").read_text())
+    assert "synth" not in report["utility"]  # no "synthetic only" AUC from films of one class
     mtime = os.path.getmtime(tmp_path / "rare" / "k3" / "run-none-2" / "ckpt.pt")
     curve.main(argv)  # run again: the generators and samples are reused
     assert os.path.getmtime(tmp_path / "rare" / "k3" / "run-none-2" / "ckpt.pt") == mtime

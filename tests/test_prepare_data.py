@@ -360,10 +360,14 @@ def test_rerun_compares_inputs_and_settings(tmp_path, capsys):
     images = write_images(tmp_path / "img", [r[0] for r in ROWS])
     args = ["--csv", csv, "--images", images, "--out", tmp_path / "o", "--size", 32, "--workers", 1]
     run(*args)
+    assert json.loads((tmp_path / "o" / "prepare.json").read_text())["aspect"] == "crop"  # the default (README)
+    m, X = pd.read_parquet(tmp_path / "o" / "metadata.parquet"), np.load(tmp_path / "o" / "cache.npy")
+    crop, _ = prepare_data.load_gray(m["path"].iloc[0], 32, "crop")  # write_images' films are 48x40
+    assert np.array_equal(X[m["cache_row"].iloc[0]], crop)
     before = {f: (tmp_path / "o" / f).read_bytes() for f in os.listdir(tmp_path / "o")}
     run(*args)
     assert "already prepared from the same inputs and settings (prepare.json): nothing to do" in capsys.readouterr().out
-    for change, why in ((["--aspect", "crop"], "other aspect"), (["--no-cache"], "other cache"),
+    for change, why in ((["--aspect", "pad"], "other aspect"), (["--no-cache"], "other cache"),
                         (["--size", 64], "other size")):
         with pytest.raises(SystemExit, match=rf"--out .*o already holds a prepared dataset .* from other inputs or "
                                              rf"settings \({why}\); pass --overwrite to replace it$"):
