@@ -63,11 +63,6 @@ def guarded(fn, device):
     return {"error": "OOM"}
 
 
-def write(path, save):  # whole or not at all: save(a temporary name), then renamed
-    save(f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
 def bench_train(args, device, batch, level, dtype, flops, peak):
     """The training step train.py runs, with the speed-ups of CONFIGS[1:level + 1] switched on: its row."""
     torch._dynamo.reset()  # compile afresh per configuration: no dynamic-shape graph from another batch size
@@ -146,7 +141,7 @@ def whole_loop(args, device):
         draw.line(pts, fill=color, width=2) if len(pts) > 1 else None
         for px, py in pts:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
-    write(os.path.join(out, "loss_curve.png"), lambda tmp: im.save(tmp, format="PNG"))
+    model.replace_file(os.path.join(out, "loss_curve.png"), lambda tmp: im.save(tmp, format="PNG"))
     return {"commands": rows, **{col: m[col][np.isfinite(m[col])][[0, -1]].tolist() for col in ("loss", "val_loss")}}
 
 
@@ -200,7 +195,7 @@ def main(argv=None):
     def say(*lines):  # printed, and bench.md rewritten: a run cut short by a time limit leaves what it measured
         print(*lines, sep="\n", flush=True)
         md.extend(lines)
-        write(os.path.join(args.out_dir, "bench.md"), lambda tmp: Path(tmp).write_text("\n".join(md) + "\n"))
+        model.replace_file(os.path.join(args.out_dir, "bench.md"), lambda f: Path(f).write_text("\n".join(md) + "\n"))
     say(f"**{name}**, torch {torch.__version__}, {report['date']}: {args.preset} {args.image_size} px, "
         f"{flops / 1e9:.1f} GFLOP per forward, peak {peak} FLOP/s ({report['peak_source']})\n")
 
@@ -285,7 +280,8 @@ def main(argv=None):
         f"| img/s at batch 8, fastest row | {cell(best[8], 'img_s', '.1f')} | >= 120 |",
         f"| sampling: {s[0]['sampler']} over {s[-1]['sampler']} | {ratio(s[0], s[-1])} | >= x40 at equal label "
         "fidelity (fidelity measured on a CPU at 32 px only: docs/results.md) |")
-    write(os.path.join(args.out_dir, "bench.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    model.replace_file(os.path.join(args.out_dir, "bench.json"),
+                       lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     print(f"wrote {args.out_dir}/bench.json and bench.md")
     return report
 

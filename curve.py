@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 import evaluate
 import sample
 import train
-from model import HelpFormatter
+from model import HelpFormatter, replace_file
 
 FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # issue targets: fidelity >= 0.9 x real, FD <= 3 x the real floor
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
@@ -109,8 +109,7 @@ def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
             if k == 0:
                 draw.text((x0 + 10, y1 - 16 - 14 * (len(lines) - 1 - i)), label, fill=color)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    canvas.save(out + ".tmp", format="PNG")
-    os.replace(out + ".tmp", out)
+    replace_file(out, lambda tmp: canvas.save(tmp, format="PNG"))
     print(f"curve.py: wrote {out}")
 
 
@@ -135,8 +134,7 @@ def cut_rare(data_dir, out, rare, k, seed):
         raise SystemExit(f"curve.py: error: --k {k}: a number from 1 to {len(rows)} ({rare} training films), or all")
     keep = rows if k == "all" else np.random.default_rng(seed).choice(rows, int(k), replace=False)
     os.makedirs(out, exist_ok=True)
-    df.drop(rows.difference(keep)).to_csv(os.path.join(out, "train.csv.tmp"), index=False)
-    os.replace(os.path.join(out, "train.csv.tmp"), os.path.join(out, "train.csv"))
+    replace_file(os.path.join(out, "train.csv"), lambda tmp: df.drop(rows.difference(keep)).to_csv(tmp, index=False))
     for name in ("val.csv", "test.csv", "cache.npy"):  # the same real films and cache rows: links, not copies
         if os.path.exists(os.path.join(data_dir, name)) and not os.path.lexists(os.path.join(out, name)):
             os.symlink(os.path.abspath(os.path.join(data_dir, name)), os.path.join(out, name))
@@ -177,8 +175,7 @@ def rare(args):
     keys = ["k", "generator", "guidance", "n_setting", "synthetic_share", "filter"]  # a row per k and settings
     old = pd.read_csv(path) if os.path.exists(path) else table.iloc[:0]
     old = old[~old.set_index(keys).index.isin(table.set_index(keys).index)]  # rows of other settings stay
-    pd.concat([old, table]).to_csv(path + ".tmp", index=False)
-    os.replace(path + ".tmp", path)
+    replace_file(path, lambda tmp: pd.concat([old, table]).to_csv(tmp, index=False))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     bars = lambda m: {q: (table[f"{m} {q}_lo"], table[f"{m} {q}_hi"]) for q in ("auc", "sens")}
     lines = [(name, table["k"], {q: table[f"{m} {q}"] for q in ("auc", "sens")}, bars(m))

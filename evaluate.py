@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
-from model import CLASSES, HelpFormatter, set_threads
+from model import CLASSES, HelpFormatter, replace_file, set_threads
 
 K = len(CLASSES)
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
@@ -300,11 +300,6 @@ def bootstrap_auc(models, y, n_boot, seed, specificity=0.9):
 
 # -----------------------------------------------------------------------------
 # outputs: written to a temporary name, then renamed
-
-def replace_file(path, write):
-    write(f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
 
 def save_rows_png(rows, path, tile, cap=14):
     """rows: lists of (uint8 image, caption); each image is blown up to tile x tile with its caption (cap px) above."""

@@ -206,9 +206,13 @@ def auto_amp(device):
 # Checkpoints: plain tensors and Python types, read with torch.load(weights_only=True): no code in a file ever runs.
 
 
-def save_checkpoint(path, ckpt):
-    torch.save(ckpt, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # atomic: a crash mid-write never leaves a half-written ckpt.pt
+def replace_file(path, save):  # whole or not at all: save(a temporary name), then renamed over path
+    save(f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def save_checkpoint(path, ckpt):  # a crash mid-write never leaves a half-written ckpt.pt
+    replace_file(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -57,8 +57,8 @@ def save_png(pixels, path, text):
     info = PngInfo()
     for k, v in text.items():
         info.add_text(k, str(v))
-    Image.fromarray(pixels).save(f"{path}.tmp", format="PNG", pnginfo=info)  # (H, W) uint8 -> mode "L"
-    os.replace(f"{path}.tmp", path)  # a reader never sees half an image
+    # (H, W) uint8 -> mode "L"; a reader never sees half an image
+    model.replace_file(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
 
 
 def grid(images, pad=2):
@@ -172,8 +172,7 @@ def main(argv=None):
         name = f"grid_{slug(model.CLASSES[c])}.png"  # a preview: not in the manifest, never a training image
         save_png(grid(ims), os.path.join(out, name), {**text, "class": model.CLASSES[c]})
     manifest = pd.DataFrame(rows).assign(synthetic=1, **settings)  # train.csv's columns (no cache_row) + these
-    manifest.to_csv(os.path.join(out, "manifest.csv.tmp"), index=False)
-    os.replace(os.path.join(out, "manifest.csv.tmp"), os.path.join(out, "manifest.csv"))
+    model.replace_file(os.path.join(out, "manifest.csv"), lambda tmp: manifest.to_csv(tmp, index=False))
     print(f"wrote {len(rows)} synthetic images, {len(previews)} grids and manifest.csv to {out} "
           f"({dt:.1f}s, {len(rows) / dt:.2f} images/s)")
     return manifest

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from model import (AUTO, CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
                    HelpFormatter, add_noise, auto_amp, build_unet, export_pretrained, load_checkpoint, loss_weights,
-                   make_schedule, pick_preset, sample, save_checkpoint, set_threads, target, unet_config)
+                   make_schedule, pick_preset, replace_file, sample, save_checkpoint, set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -229,8 +229,7 @@ def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule):
     info = PngInfo()  # synthetic images must be recognisable as synthetic
     info.add_text("synthetic", "1")
     info.add_text("source", f"train.py EMA step {step}, {DEFAULT_SAMPLER}, guidance {guidance}")
-    im.save(f"{path}.tmp", format="PNG", pnginfo=info)
-    os.replace(f"{path}.tmp", path)
+    replace_file(path, lambda tmp: im.save(tmp, format="PNG", pnginfo=info))
 
 
 def rng_state():  # as plain tensors and lists: weights_only=True loads them
@@ -359,8 +358,7 @@ def main(argv=None):
         os.makedirs(args.out_dir, exist_ok=True)
         if os.path.exists(metrics):  # rows logged after the checkpoint (a crash) are trained again: keep one per step
             m = pd.read_csv(metrics, dtype=str, keep_default_na=False)  # as written: no float reformatting
-            m[m.step.astype(int) <= start].to_csv(f"{metrics}.tmp", index=False)
-            os.replace(f"{metrics}.tmp", metrics)
+            replace_file(metrics, lambda tmp: m[m.step.astype(int) <= start].to_csv(tmp, index=False))
         print(f"train.py: {len(train['path'])} train / {len(val['path'])} val images, {size}px, preset {args.preset}, "
               f"{world} process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, "
               f"steps {start}->{args.max_steps}, out {args.out_dir}")
