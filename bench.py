@@ -57,7 +57,6 @@ def guarded(fn, device):
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e):
             raise
     gc.collect()  # out of the except block: the traceback no longer holds the frames, nor their tensors
-    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"error": "OOM"}
@@ -136,9 +135,9 @@ def whole_loop(args, device):
               f"steps 0-{m['step'].max():.0f}", fill="black")
     for col, color in (("loss", (31, 119, 180)), ("val_loss", (214, 39, 40))):
         ok = np.isfinite(m[col])
-        pts = list(zip((pad + (W - 2 * pad) * m["step"][ok] / m["step"].max()).tolist(),
-                       (H - pad - (H - 2 * pad) * (np.log10(m[col][ok]) - lo) / max(hi - lo, 1e-6)).tolist()))
-        draw.line(pts, fill=color, width=2) if len(pts) > 1 else None
+        pts = list(zip(pad + (W - 2 * pad) * m["step"][ok] / m["step"].max(),
+                       H - pad - (H - 2 * pad) * (np.log10(m[col][ok]) - lo) / max(hi - lo, 1e-6)))
+        draw.line(pts, fill=color, width=2)
         for px, py in pts:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
     model.replace_file(os.path.join(out, "loss_curve.png"), lambda tmp: im.save(tmp, format="PNG"))

@@ -180,7 +180,8 @@ def class_scores(probs, y, specificity):
     """(2, K + 1): every class's one-vs-rest AUC, then its sensitivity at `specificity`; last column: the macro mean"""
     s = np.array([[auc(probs[:, c], y == c) for c in range(K)],
                   [sensitivity_at(probs[:, c], y == c, specificity) for c in range(K)]])
-    return np.concatenate([s, np.nanmean(s, 1, keepdims=True)], 1)
+    mean = [[np.nanmean(row) if np.isfinite(row).any() else np.nan] for row in s]  # no warning where all are nan
+    return np.concatenate([s, mean], 1)
 
 
 def sqrtm_psd(a):

@@ -30,7 +30,6 @@ PRESETS = {  # name: (channels per resolution level, resnet layers per level, Gr
     "small": ((32, 64, 128, 256), 2, 16),             # 32-128 px research runs, ~14M
     "tiny":  ((16, 32, 32), 1, 8),                    # CPU tests, <1M, a training step in milliseconds
 }
-MIN_BOTTOM = 4  # the lowest resolution level must keep at least 4x4 pixels
 AUTO = {32: "tiny", 64: "tiny", 128: "small"}  # --preset auto: size -> preset (larger: base); docs/results.md
 
 
@@ -43,7 +42,7 @@ def build_unet(image_size=256, preset="auto"):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from auto, {', '.join(PRESETS)}")
     channels, layers, groups = PRESETS[preset]
-    smallest = max(32, MIN_BOTTOM * 2 ** (len(channels) - 1))
+    smallest = max(32, 4 * 2 ** (len(channels) - 1))  # the lowest level keeps at least 4x4 pixels
     if image_size < smallest or image_size & (image_size - 1):
         raise ValueError(f"image size {image_size} does not fit preset {preset!r}: use a power of two >= {smallest}")
     attn = [image_size // 2 ** i == 16 for i in range(len(channels))]
@@ -65,7 +64,6 @@ def flops_per_image(model, image_size):
 # The noise schedule (Ho et al. 2020): 1000 steps, betas linear from 1e-4 to 0.02; the model predicts eps or
 # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022). --shift s divides every SNR(t) by s^2
 # (Hoogeboom et al. 2023): neighbouring pixels average the noise away, so a larger image needs noisier steps.
-PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' names
 
 
 def make_schedule(prediction="epsilon", shift=1.0):

@@ -106,7 +106,7 @@ def test_eps_and_v_targets_weigh_the_x0_error_alike_under_min_snr():
     assert torch.allclose(model.target(x0, eps, t, alpha_bar, "v_prediction"), a.sqrt() * eps - (1 - a).sqrt() * x0)
     assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * model.target(x0, eps, t, alpha_bar, "v_prediction"), x0, atol=1e-5)
     losses = []
-    for p in model.PREDICTIONS:  # a model whose x0 is off by dx0: its eps is off by -sqrt(a / (1 - a)) dx0, its v by ...
+    for p in ("epsilon", "v_prediction"):  # a model whose x0 is off by dx0: its eps is off by -sqrt(a / (1 - a)) dx0, its v by ...
         wrong = (xt - a.sqrt() * (x0 + dx0)) / (1 - a).sqrt()  # the eps that goes with x0 + dx0
         pred = model.target(x0 + dx0, wrong, t, alpha_bar, p)
         w = model.loss_weights(alpha_bar, p, "min-snr", 5.0)[t]
