@@ -224,8 +224,9 @@ def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule):
     rows = x.reshape(len(CLASSES), per_class, size, size).transpose(0, 2, 1, 3).reshape(len(CLASSES) * size, -1)
     im = Image.new("L", (LABEL_W + rows.shape[1], rows.shape[0]))
     im.paste(Image.fromarray(rows), (LABEL_W, 0))
+    draw = ImageDraw.Draw(im)
     for c, name in enumerate(CLASSES):
-        ImageDraw.Draw(im).text((2, c * size + size // 2 - 6), name, fill=255)
+        draw.text((2, c * size + size // 2 - 6), name, fill=255)
     info = PngInfo()  # synthetic images must be recognisable as synthetic
     info.add_text("synthetic", "1")
     info.add_text("source", f"train.py EMA step {step}, {DEFAULT_SAMPLER}, guidance {guidance}")
