@@ -30,7 +30,7 @@ K = len(CLASSES)
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
 MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of real test-to-train distances
 CHUNK = 4096  # images per chunk when resizing or reducing a whole split: memory stays flat at NIH scale
-GRAIN_X = 1.5  # noise-like: more fine grain than GRAIN_X times the grainiest real test image
+GRAIN_X = 1.5  # noise-like: more grain than GRAIN_X times the grainiest real film of the pool
 
 
 def die(msg):
@@ -73,10 +73,25 @@ def load(csv, size, workers, missing, empty):
 
 
 def load_split(data_dir, split, size, workers=0):
-    """-> x (N, size, size) uint8, y (N,) int64, image_index (N,) str"""
-    x, y, df = load(Path(data_dir) / f"{split}.csv", size, workers,
-                    f"--data-dir {data_dir}: no {split}.csv (run prepare_data.py first)", "empty split")
-    return x, y, df["image_index"].astype(str).to_numpy()
+    """-> x (N, size, size) uint8, y (N,) int64, the split's table"""
+    return load(Path(data_dir) / f"{split}.csv", size, workers,
+                f"--data-dir {data_dir}: no {split}.csv (run prepare_data.py first)", "empty split")
+
+
+def patients(df):  # (N,) str: the patient of each film; without patient ids, every film is its own patient
+    return (df["patient_id"] if "patient_id" in df.columns else df["image_index"]).astype(str).to_numpy()
+
+
+def reference_films(patient, y, share, seed):
+    """(N,) bool: the training films the reference classifier learns from, those of a `share` of the patients,
+    stratified by each patient's first class: of each class's patients, in a random order, every 1/share-th."""
+    pids, first, codes = np.unique(patient, return_index=True, return_inverse=True)
+    cls = y[first]
+    order = np.lexsort((np.random.default_rng(seed).random(len(pids)), cls))  # by class, shuffled within a class
+    r = np.arange(len(pids)) - np.searchsorted(cls[order], cls[order])  # rank within its class
+    take = np.zeros(len(pids), bool)
+    take[order] = np.ceil((r + 1) * share) > np.ceil(r * share)  # share 0.5: ranks 0, 2, 4, ...; 1: all
+    return take[codes]
 
 
 def to_input(x_u8, device):  # (B, H, W) uint8 -> (B, 1, H, W) in [-1, 1]
@@ -212,26 +227,34 @@ def kid(f1, f2):
                  - 2 * k12.mean())
 
 
-def matched_realism(f_s, f_real, repeats, max_n, rng):
-    """Like with like, per redraw: two random disjoint halves A, B of the held-out real images (val + test) and
-    synthetic S, n images each, n = min(synthetic, real / 2, max_n): S vs B is what the generator scores, A vs B what
-    a perfect one would (the floor). -> (repeats, 4): FD(S, B), FD(A, B), KID(S, B), KID(A, B)"""
+def matched_realism(f_s, f_real, t_s, t_real, groups, repeats, max_n, rng):
+    """Like with like, per redraw: two disjoint halves A, B of the real pool (films the reference classifier did not
+    learn from; a patient's films stay on one side: groups (N_real,) are patient codes) and synthetic S, n films each,
+    n = min(synthetic, real / 2, max_n): S vs B is what the generator scores, A vs B what a perfect one would (the
+    floor). t: (N, 2) texture() of each film; its means take every synthetic film, resampled with replacement, so
+    that the interval holds their sampling too. -> (repeats, 8): FD(S, B), FD(A, B), KID(S, B), KID(A, B), then for
+    grain and gradient in turn: mean(synthetic) / mean(B), mean(A) / mean(B)"""
     n = min(len(f_s), len(f_real) // 2, max_n)
     if n < 2:
-        return np.full((repeats, 4), np.nan)
+        return np.full((repeats, 8), np.nan)
     draws = []
     for _ in range(repeats):
-        real = f_real[rng.permutation(len(f_real))]
-        a, b, s = real[:n], real[n:2 * n], f_s[rng.choice(len(f_s), n, replace=False)]
-        draws.append([frechet_distance(s, b), frechet_distance(a, b), kid(s, b), kid(a, b)])
+        order = np.lexsort((rng.random(len(groups)), rng.permutation(groups.max() + 1)[groups]))  # patients shuffled
+        a, b, s = order[:n], order[n:2 * n], rng.choice(len(f_s), n, replace=False)
+        boot = t_s[rng.integers(0, len(t_s), len(t_s))].mean(0)  # (2,)
+        ratios = [[boot[j] / t_real[b, j].mean(), t_real[a, j].mean() / t_real[b, j].mean()] for j in (0, 1)]
+        draws.append([frechet_distance(f_s[s], f_real[b]), frechet_distance(f_real[a], f_real[b]),
+                      kid(f_s[s], f_real[b]), kid(f_real[a], f_real[b]), *ratios[0], *ratios[1]])
     return np.array(draws)
 
 
 def realism(d):
-    """d: (repeats, 4) from matched_realism -> the FD ratio; FD and KID, synthetic and floor: mean [95% of redraws]"""
+    """d: (repeats, 8) from matched_realism -> the FD ratio; FD, KID, grain and gradient ratios, synthetic and floor:
+    mean [95% of redraws]. The floor's interval is the range real films take against real films at this n."""
     ci = lambda v: dict(zip(("mean", "lo", "hi"), (v.mean(), *np.percentile(v, [2.5, 97.5]))))  # nan stays nan
-    return {"fd_ratio": d[:, 0].mean() / d[:, 1].mean(), "fd": {"synthetic": ci(d[:, 0]), "floor": ci(d[:, 1])},
-            "kid": {"synthetic": ci(d[:, 2]), "floor": ci(d[:, 3])}}
+    pair = lambda j: {"synthetic": ci(d[:, j]), "floor": ci(d[:, j + 1])}
+    return {"fd_ratio": d[:, 0].mean() / d[:, 1].mean(), "fd": pair(0), "kid": pair(2), "grain": pair(4),
+            "gradient": pair(6)}
 
 
 def diversity(f, max_n, rng):
@@ -240,14 +263,23 @@ def diversity(f, max_n, rng):
     return float(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))) if len(f) > 1 else float("nan")
 
 
-def grain(x):
-    """(N, H, W) uint8 -> (N,) mean |Laplacian| in [-1, 1] units: the fine grain of each image (noise scores high)."""
+def texture(x):
+    """(N, H, W) uint8 -> (N, 2): each film's grain and mean |gradient|, in gray levels. Grain: Immerkaer's (1996)
+    noise estimate, sqrt(pi/2) / 6 |x * L| with L = [1, -2, 1]^T [1, -2, 1], averaged over the flattest quarter of the
+    film (where the gradient of the binomially smoothed film is lowest): where a real film is smooth, a synthetic one
+    should be too. White noise of s gray levels reads about s there. Gradient: mean |difference| of horizontal and
+    vertical neighbours, the whole film (grain and sharp edges both raise it)."""
+    L, b = torch.tensor([[1.0, -2, 1], [-2, 4, -2], [1, -2, 1]]).view(1, 1, 3, 3), torch.tensor([1.0, 4, 6, 4, 1]) / 16
     out, n = [], max(1, CHUNK // 16)  # 256 images at a time: ~70 MB a float copy at 256 px (a whole split: 5-6 GB)
     for i in range(0, len(x), n):
-        t = torch.from_numpy(np.ascontiguousarray(x[i:i + n])).float() / 127.5  # (B, H, W)
-        lap = 4 * t[:, 1:-1, 1:-1] - t[:, :-2, 1:-1] - t[:, 2:, 1:-1] - t[:, 1:-1, :-2] - t[:, 1:-1, 2:]
-        out.append(lap.abs().mean((1, 2)))
-    return torch.cat(out).numpy()
+        t = torch.from_numpy(np.ascontiguousarray(x[i:i + n])).float().unsqueeze(1)  # (B, 1, H, W), 0..255
+        noise = math.sqrt(math.pi / 2) / 6 * F.conv2d(t, L).abs()[:, 0, 2:-2, 2:-2]  # (B, H - 6, W - 6)
+        s = F.conv2d(F.conv2d(t, b.view(1, 1, 1, 5)), b.view(1, 1, 5, 1))[:, 0]  # smoothed, (B, H - 4, W - 4)
+        g = torch.hypot(s[:, 1:-1, 2:] - s[:, 1:-1, :-2], s[:, 2:, 1:-1] - s[:, :-2, 1:-1])  # (B, H - 6, W - 6)
+        flat = g <= torch.quantile(g.flatten(1), 0.25, dim=1).view(-1, 1, 1)
+        d = (t.diff(dim=3).abs().mean((1, 2, 3)) + t.diff(dim=2).abs().mean((1, 2, 3))) / 2
+        out.append(torch.stack([(noise * flat).sum((1, 2)) / flat.sum((1, 2)), d], 1))
+    return torch.cat(out).double().numpy()
 
 
 def unit_rows(f, mu=None):
@@ -342,6 +374,8 @@ def main(argv=None):
     # ---- evaluation ----
     p.add_argument("--repeats", type=int, default=50, help="redraws behind each realism figure and its interval")
     p.add_argument("--max-n", type=int, default=1000, help="at most this many images per class and set for realism")
+    p.add_argument("--reference-share", type=float, default=0.5, help="share of the training patients the reference "
+                   "classifier learns from; the others' films join val + test in the real pool that realism reads")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples behind the utility intervals")
     p.add_argument("--utility-seeds", type=int, default=3, help="training seeds per utility classifier")
     p.add_argument("--no-utility", action="store_true", help="skip training on train+synthetic and synthetic only")
@@ -361,8 +395,10 @@ def main(argv=None):
     if not Path(args.data_dir).is_dir():
         die(f"--data-dir {args.data_dir}: no such directory (run prepare_data.py first)")
     for flag in ("size", "repeats", "utility_seeds", "n_boot", "batch_size", "epochs", "max_n"):
-        if getattr(args, flag) < (2 if flag == "max_n" else 1):
+        if getattr(args, flag) < {"max_n": 2, "size": 16}.get(flag, 1):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: too small")
+    if not 0 < args.reference_share <= 1:
+        die(f"--reference-share {args.reference_share}: must be in (0, 1]")
     if not (0 < args.specificity < 1 and 0 <= args.synthetic_share < 1):
         die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1), [0, 1)")
     set_threads(torch.device(args.device))
@@ -370,20 +406,29 @@ def main(argv=None):
     (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it
 
     # ---- data
-    (xtr, ytr, itr), (xva, yva, _), (xte, yte, _) = [load_split(args.data_dir, s, args.size, args.workers)
-                                                     for s in ("train", "val", "test")]
+    (xtr, ytr, dtr), (xva, yva, dva), (xte, yte, dte) = [load_split(args.data_dir, s, args.size, args.workers)
+                                                         for s in ("train", "val", "test")]
     m = Path(args.samples)
     xs, ys, ps = load(m / "manifest.csv" if m.is_dir() or not m.suffix else m, args.size, args.workers,
                       f"--samples {args.samples}: no manifest.csv (run sample.py first)", "no synthetic images")
-    print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)}, synthetic {len(xs)}, size {args.size}, device {dev}")
-    R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs)}}
+    # The reference classifier learns from a share of the training patients; the films of the others join val + test
+    # in the real pool, the films every per-class figure compares against, so that a few dozen test films do not
+    # decide them. itr: image names, for memorization.csv; groups: one code per patient, for the realism halves.
+    itr, pid = dtr["image_index"].astype(str).to_numpy(), [patients(d) for d in (dtr, dva, dte)]
+    ref = reference_films(pid[0], ytr, args.reference_share, args.seed)  # (N_train,) bool
+    y_po, groups = np.concatenate([ytr[~ref], yva, yte]), pd.factorize(np.concatenate([pid[0][~ref], *pid[1:]]))[0]
+    print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)} (the reference classifier learns from {ref.sum()}, "
+          f"the real pool holds {len(y_po)}), synthetic {len(xs)}, size {args.size}, device {dev}")
+    R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs),
+                      "n_reference": ref.sum(), "n_pool": len(y_po)}}
 
-    # ---- 1. reference classifier, trained on real train only: the ceiling for everything below
+    # ---- 1. reference classifier, trained on real train films only: the ceiling for everything below
     digests = {}  # fit() hashes each distinct array once
-    net, cached = fit(xtr, ytr, xva, yva, args, "real", out, args.seed, digests)
-    (_, f_tr), (_, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
-    mu, scale = f_tr.mean(0), np.sqrt(f_tr.var(0).mean())  # centred, in units of their spread on real train: KID's
-    f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # cubic kernel needs an O(1) scale
+    net, cached = fit(xtr if ref.all() else xtr[ref], ytr[ref], xva, yva, args, "real" if ref.all() else "reference",
+                      out, args.seed, digests)  # at share 1 it is the utility's real arm of the first seed
+    (p_tr, f_tr), (p_va, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
+    mu, scale = f_tr[ref].mean(0), np.sqrt(f_tr[ref].var(0).mean())  # centred, in units of their spread on what
+    f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # it learnt: KID's kernel needs O(1)
     R["classifier"] = {"cached": cached, "macro_auc": class_scores(p_te, yte, args.specificity)[0, K]}
 
     # ---- 2. memorization: each synthetic image's nearest training image by feature cosine and by pixel correlation,
@@ -398,26 +443,29 @@ def main(argv=None):
                                        nearest_train_pixel=itr[jp], pixel_corr=r_s.round(5), flagged=flag.astype(int))
     replace_file(out / "memorization.csv", lambda tmp: mem.to_csv(tmp, index=False))
 
-    # ---- 3. per class: label fidelity, size-matched realism, diversity, noise-like
-    hit_s, hit_te, px_s, px_te = p_s.argmax(1) == ys, p_te.argmax(1) == yte, px_s.numpy(), px_te.numpy()
-    noisy = grain(xs) > GRAIN_X * grain(xte).max()  # noise, not a film: grainier than any real test image, by far
+    # ---- 3. per class, against the real pool: label fidelity, size-matched realism and texture, diversity, noise-like
+    pool = lambda tr, va, te: np.concatenate([tr[~ref], va, te])  # train films the reference did not learn, val, test
+    f_po, p_po, px_po = pool(f_tr, f_va, f_te), pool(p_tr, p_va, p_te), pool(px_tr.numpy(), pixels(xva).numpy(), px_te)
+    t_s, t_po = texture(xs), pool(texture(xtr), texture(xva), texture(xte))  # (N, 2): grain, gradient
+    hit_s, hit_po, px_s = p_s.argmax(1) == ys, p_po.argmax(1) == y_po, px_s.numpy()
+    noisy = t_s[:, 0] > GRAIN_X * t_po[:, 0].max()  # noise, not a film: grainier than any real film, by far
     share = lambda hit: hit.mean() if len(hit) else np.nan
     div = lambda a, b: (diversity(a, args.max_n, rng) / diversity(b, args.max_n, rng)  # synthetic over real
                         if min(len(a), len(b)) > 1 else np.nan)
     P, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
     for c, name in enumerate(CLASSES):
-        s, v, t = ys == c, yva == c, yte == c  # this class's synthetic, val and test images
-        if s.any() or t.any():
-            d = matched_realism(f_s[s], np.concatenate([f_va[v], f_te[t]]), args.repeats, args.max_n, rng)
-            P[name] = {"n_synthetic": s.sum(), "n_test": t.sum(), "fidelity": share(hit_s[s]),
-                       "accuracy": share(hit_te[t]), **realism(d), "diversity_features": div(f_s[s], f_te[t]),
-                       "diversity_pixels": div(px_s[s], px_te[t]), "memorized": flag[s].sum(),
-                       "noise_like": noisy[s].sum()}
+        s, r = ys == c, y_po == c  # this class's synthetic films and real pool films
+        if s.any() or r.any():
+            d = matched_realism(f_s[s], f_po[r], t_s[s], t_po[r], groups[r], args.repeats, args.max_n, rng)
+            P[name] = {"n_synthetic": s.sum(), "n_real": r.sum(), "n_drawn": min(s.sum(), r.sum() // 2, args.max_n),
+                       "fidelity": share(hit_s[s]), "accuracy": share(hit_po[r]), **realism(d),
+                       "diversity_features": div(f_s[s], f_po[r]), "diversity_pixels": div(px_s[s], px_po[r]),
+                       "memorized": flag[s].sum(), "noise_like": noisy[s].sum()}
             draws += [] if np.isnan(d).any() else [d]
     if not draws:
-        die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real val + test images to compare to")
-    scored = [d for d in P.values() if d["n_synthetic"] and d["n_test"]]  # a mean over these classes
-    R["per_class"], R["summary"] = P, {"n_synthetic": len(xs), "n_test": len(xte), "memorized": flag.sum(),
+        die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real pool films to compare to")
+    scored = [d for d in P.values() if d["n_synthetic"] and d["n_real"]]  # a mean over these classes
+    R["per_class"], R["summary"] = P, {"n_synthetic": len(xs), "n_real": len(y_po), "memorized": flag.sum(),
                                        "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])
                                        for k in ("fidelity", "accuracy", "diversity_features", "diversity_pixels")},
                                        **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
@@ -430,7 +478,7 @@ def main(argv=None):
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
     R["utility"] = None
     if not args.no_utility:
-        seeds = [args.seed + k for k in range(args.utility_seeds)]  # seed 0 of "real" is the reference classifier
+        seeds = [args.seed + k for k in range(args.utility_seeds)]
         keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
         xk, yk = xs[keep], ys[keep]
         sets = {"train": (xtr, ytr, None), "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]),
@@ -451,23 +499,31 @@ def main(argv=None):
     ci = lambda d, k=1, dg=2: "-" if d["mean"] is None else num(k * d["mean"], dg) + (
         "" if d["lo"] is None else f" [{num(k * d['lo'], dg)}, {num(k * d['hi'], dg)}]")
     pair = lambda d, k=1, dg=2: f"{ci(d['synthetic'], k, dg)} / {ci(d['floor'], k, dg)}"  # synthetic / floor
-    row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_test']}", f"{num(d['fidelity'])} / {num(d['accuracy'])}",
-                           f"**{num(d['fd_ratio'], 2)}**", pair(d["fd"]), pair(d["kid"], 1e3, 1),
+    row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_real']}" + (f" ({d['n_drawn']})" if "n_drawn" in d
+                                                                             else ""),
+                           f"{num(d['fidelity'])} / {num(d['accuracy'])}", f"**{num(d['fd_ratio'], 2)}**",
+                           pair(d["grain"]), ci(d["gradient"]["synthetic"]), pair(d["fd"]), pair(d["kid"], 1e3, 1),
                            f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
                            d["memorized"]]
     md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
           f"(train/val/test {n['n_train']}/{n['n_val']}/{n['n_test']}), {args.size} px, seed {args.seed}. "
-          f"The reference classifier's macro AUC on real test images: {num(R['classifier']['macro_auc'])}.\n",
-          table(["class", "synthetic / test images", "label fidelity: synthetic / real", "realism: FD ratio",
-                 "FD [95%]: synthetic / floor", "KID x1000 [95%]: synthetic / floor",
+          f"The reference classifier learnt from {n['n_reference']} train films (macro AUC on real test films "
+          f"{num(R['classifier']['macro_auc'])}); the real pool, what every figure below compares with, holds the "
+          f"{n['n_pool']} others: the rest of train, val and test.\n",
+          table(["class", "synthetic / real pool (n drawn)", "label fidelity: synthetic / real", "realism: FD ratio",
+                 "texture: grain ratio [95%]: synthetic / floor", "gradient ratio [95%]", "FD [95%]: synthetic / floor",
+                 "KID x1000 [95%]: synthetic / floor",
                  "diversity / real (features, pixels)", "noise-like", "memorized"],
                 [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]) + "\nHow to read it:",
-          "- **label fidelity**: share of images the classifier calls their class; real: that of real test images.",
+          "- **label fidelity**: share of images the classifier calls their class; real: that of the real pool.",
           f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
           f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
+          "- **texture**, what the classifier's features barely see: grain (Immerkaer's noise estimate in the flattest "
+          "quarter of each film, gray levels) and mean |gradient| of synthetic films over real ones; 1 = as real; the floor's interval is the range real "
+          "films take against real films at this n: its calibrated range.",
           "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
           "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
-          f"- **noise-like**: grainier (mean |Laplacian|) than {GRAIN_X:g}x any real test image: noise. Should be 0.",
+          f"- **noise-like**: grainier than {GRAIN_X:g}x the grainiest real film: noise, not a film. Should be 0.",
           f"- **memorized**: nearer a training image than all but {MIN_PCT:g}% of real test images (feature cosine > "
           f"{num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)}): ~{MIN_PCT:g}% "
           "even of new images. See closest_pairs.png and memorization.csv.\n"]

@@ -15,27 +15,27 @@ from model import CLASSES
 
 SIZE = 16
 CENTERS = [(4, 3), (4, 8), (4, 13), (11, 3), (11, 8), (11, 13)]  # (row, col) of each class's blob
-N_SPLIT = {"train": [24, 12, 12, 12, 12, 12], "val": [6] * 6, "test": [25] * 6}  # No Finding is over-represented
+N_SPLIT = {"train": [48, 24, 24, 24, 24, 24], "val": [6] * 6, "test": [25] * 6}  # No Finding is over-represented
 
 
-def draw(c, rng):
+def draw(c, rng, noise=15):
     yy, xx = np.mgrid[:SIZE, :SIZE]
     cy, cx = np.array(CENTERS[c]) + rng.integers(-1, 2, 2)
-    img = 50 + 150 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.8 ** 2)) + rng.normal(0, 15, (SIZE, SIZE))
+    img = 50 + 150 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.8 ** 2)) + rng.normal(0, noise, (SIZE, SIZE))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def draw_set(counts, rng):
+def draw_set(counts, rng, noise=15):
     y = np.repeat(np.arange(len(counts)), counts)
-    return np.stack([draw(c, rng) for c in y]), y
+    return np.stack([draw(c, rng, noise) for c in y]), y
 
 
-def make_data(root, cache=True, seed=0):
+def make_data(root, cache=True, seed=0, noise=15):
     """Prepared-data layout of the contract: train/val/test.csv, cache.npy, PNGs under raw/."""
     rng, rows, images = np.random.default_rng(seed), [], []
     (root / "raw").mkdir(parents=True)
     for split, counts in N_SPLIT.items():
-        x, y = draw_set(counts, rng)
+        x, y = draw_set(counts, rng, noise)
         for im, c in zip(x, y):
             k = len(images)
             path = root / "raw" / f"{k:08d}_000.png"
@@ -116,13 +116,17 @@ def test_kid_is_unbiased_in_set_size_where_fd_is_not():
 
 def test_realism_is_size_matched_and_reads_one_for_real_images():
     rng = np.random.default_rng(1)
-    real = rng.normal(0, 1, (60, 6))
-    for n_synth in (15, 400):  # far fewer or far more "synthetic" images than real ones: the ratio stays ~1
-        d = evaluate.matched_realism(rng.normal(0, 1, (n_synth, 6)), real, 200, 1000, rng)
-        assert d.shape == (200, 4) and d[:, 0].mean() / d[:, 1].mean() == pytest.approx(1, abs=0.3)
-    d = evaluate.matched_realism(rng.normal(1, 1, (400, 6)), real, 200, 1000, rng)
+    real, t_real, patient = rng.normal(0, 1, (60, 6)), rng.gamma(20, 0.2, (60, 2)), np.arange(60) // 3
+    for n_synth in (15, 400):  # far fewer or far more "synthetic" images than real ones: the ratios stay ~1
+        d = evaluate.matched_realism(rng.normal(0, 1, (n_synth, 6)), real, rng.gamma(20, 0.2, (n_synth, 2)), t_real,
+                                     patient, 200, 1000, rng)
+        assert d.shape == (200, 8) and d[:, 0].mean() / d[:, 1].mean() == pytest.approx(1, abs=0.4)  # n 15: noisy
+        assert d[:, [4, 5, 6, 7]].mean(0) == pytest.approx(1, abs=0.15)  # grain, gradient: synthetic and floor
+    d = evaluate.matched_realism(rng.normal(1, 1, (400, 6)), real, 1.3 * rng.gamma(20, 0.2, (400, 2)), t_real,
+                                 patient, 200, 1000, rng)
     assert d[:, 0].mean() > 3 * d[:, 1].mean()  # a shifted distribution is far above its floor
-    assert np.isnan(evaluate.matched_realism(real[:1], real, 5, 1000, rng)).all()  # one image: no covariance
+    assert d[:, 4].mean() == pytest.approx(1.3, abs=0.15) and d[:, 4].mean() > np.percentile(d[:, 5], 97.5)  # grain
+    assert np.isnan(evaluate.matched_realism(real[:1], real, t_real[:1], t_real, patient, 5, 1000, rng)).all()
 
 
 def test_diversity_catches_the_same_image_drawn_again():
@@ -134,14 +138,14 @@ def test_diversity_catches_the_same_image_drawn_again():
 
 
 def test_real_images_come_from_cache_or_pngs_in_chunks(data, tmp_path, monkeypatch):
-    x, y, names = evaluate.load_split(data, "test", SIZE)
+    x, y, df = evaluate.load_split(data, "test", SIZE)
     x_png, y_png, _ = evaluate.load_split(make_data(tmp_path / "nocache", cache=False), "test", SIZE)
     assert x.shape == (150, SIZE, SIZE) and np.array_equal(x, x_png) and np.array_equal(y, y_png)
-    assert list(names[:2]) == list(pd.read_csv(data / "test.csv")["image_index"][:2])
-    whole, px, grain = evaluate.load_split(data, "test", 8)[0], evaluate.pixels(x), evaluate.grain(x)
+    assert list(df["image_index"][:2]) == list(pd.read_csv(data / "test.csv")["image_index"][:2])
+    whole, px, tex = evaluate.load_split(data, "test", 8)[0], evaluate.pixels(x), evaluate.texture(x)
     monkeypatch.setattr(evaluate, "CHUNK", 7)  # NIH scale is read and reduced a chunk at a time: same result
     assert whole.shape == (150, 8, 8) and np.array_equal(evaluate.load_split(data, "test", 8)[0], whole)
-    assert torch.equal(evaluate.pixels(x), px) and np.array_equal(evaluate.grain(x), grain) and grain.shape == (150,)
+    assert torch.equal(evaluate.pixels(x), px) and np.array_equal(evaluate.texture(x), tex) and tex.shape == (150, 2)
 
 
 # ---- end to end ----
@@ -169,7 +173,6 @@ def test_held_out_real_images_score_as_real(data, tmp_path):
     assert S["fidelity"] == pytest.approx(S["accuracy"], abs=0.05)
     assert S["memorized"] <= 0.04 * len(x)  # ~1% expected by construction of the threshold
     assert "realism: FD ratio" in (out / "report.md").read_text()
-
     # the same images with swapped labels lose their fidelity, not their realism as a whole
     swapped = [CLASSES[(c + 1) % len(CLASSES)] for c in y]
     R2 = run(data, write_samples(tmp_path / "swapped", x, y, swapped), out)
@@ -180,6 +183,25 @@ def test_held_out_real_images_score_as_real(data, tmp_path):
     R3 = run(data, write_samples(tmp_path / "junk", junk, np.repeat(np.arange(6), 8)), out)
     assert R3["summary"]["fd_ratio"] > 10 and R3["summary"]["fd"]["synthetic"]["lo"] > S["fd"]["floor"]["hi"]
     assert R3["summary"]["noise_like"] == len(junk) and S["noise_like"] == 0  # noise is told from films
+
+
+def test_texture_flags_grain_added_to_real_films(tmp_path):
+    # films as smooth as real ones: new real films read as real; the same films with 3 gray levels of grain added are
+    # flagged in every class by the texture figure (grain ratio above the range real films take against real films)
+    data = make_data(tmp_path / "data", noise=2)
+    x, y = draw_set([20] * 6, np.random.default_rng(1), noise=2)
+    R = run(data, write_samples(tmp_path / "real", x, y), tmp_path / "r")
+    grainy = np.clip(x + np.random.default_rng(2).normal(0, 3, x.shape), 0, 255).round().astype(np.uint8)
+    Rg = run(data, write_samples(tmp_path / "grainy", grainy, y), tmp_path / "r")
+    for name in CLASSES:
+        real, grain = R["per_class"][name], Rg["per_class"][name]
+        assert real["grain"]["synthetic"]["lo"] <= 1 <= real["grain"]["synthetic"]["hi"], name
+        assert real["grain"]["floor"]["lo"] <= 1 <= real["grain"]["floor"]["hi"], name
+        assert grain["grain"]["synthetic"]["lo"] > grain["grain"]["floor"]["hi"], name
+        assert grain["grain"]["synthetic"]["mean"] > 1.2, name
+        assert grain["gradient"]["synthetic"]["mean"] > real["gradient"]["synthetic"]["mean"] + 0.05, name
+    assert Rg["summary"]["grain"]["synthetic"]["lo"] > R["summary"]["grain"]["synthetic"]["hi"]
+    assert "texture: grain ratio" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_copies_of_training_images_are_flagged(data, tmp_path):
@@ -205,7 +227,7 @@ def test_utility_intervals_hold_test_resampling_and_training_seeds(data, tmp_pat
             assert U[m][name]["auc_lo"] <= U[m][name]["auc"] <= U[m][name]["auc_hi"]
     gain = U["train+synth"]["macro"]["auc"] - U["train"]["macro"]["auc"]
     assert U["diff"]["macro"]["auc"] == pytest.approx(gain, abs=1e-3)
-    assert len(list((out / "classifiers").glob("*.pt"))) == 3 * 2  # three classifiers, two seeds each
+    assert len(list((out / "classifiers").glob("*.pt"))) == 1 + 3 * 2  # the reference; three arms, two seeds each
     # the real training images are hashed once, not again for each of the 1 + 2 classifiers trained on them
     assert hashed.count(sum(N_SPLIT["train"]) * SIZE * SIZE) == 1
     assert "2 training seeds" in (out / "report.md").read_text()
@@ -235,7 +257,7 @@ def test_changed_training_data_retrains(data, tmp_path):
         (df.iloc[:-3] if split == "train" else df).to_csv(changed / f"{split}.csv", index=False)
     (changed / "cache.npy").symlink_to(data / "cache.npy")
     assert not run(changed, samples, tmp_path / "report")["classifier"]["cached"]
-    assert len(list((tmp_path / "report" / "classifiers").glob("real-*.pt"))) == 2
+    assert len(list((tmp_path / "report" / "classifiers").glob("reference-*.pt"))) == 2
 
 
 # ---- bad input: one clear line, no traceback ----
@@ -258,7 +280,7 @@ def test_bad_input_is_one_clear_error_line(data, tmp_path, monkeypatch):
             run(data, good, tmp_path / "r", "--device", "cuda")
     with pytest.raises(SystemExit, match="--repeats 0: too small"):
         run(data, good, tmp_path / "r", "--repeats", "0")
-    with pytest.raises(SystemExit, match="no class of the synthetic images has >= 4 real val"):
+    with pytest.raises(SystemExit, match="no class of the synthetic images has >= 4 real pool"):
         run(data, write_samples(tmp_path / "one", x[:1], y[:1]), tmp_path / "r")
 
 

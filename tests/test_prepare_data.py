@@ -286,7 +286,7 @@ def test_split_csvs_concatenate_with_synthetic_and_load(tmp_path):
     aug = pd.concat([real, manifest], ignore_index=True)  # sample.py's manifest: train.csv's columns + synthetic=1
     assert aug["synthetic"].notna().all() and aug["synthetic"].tolist() == [0] * len(real) + [1, 1]
     assert train.read_split(str(tmp_path / "o"), "train")["cache_row"].tolist() == real["cache_row"].tolist()
-    x, y, names = evaluate.load_split(str(tmp_path / "o"), "train", 32)
+    x, y, _ = evaluate.load_split(str(tmp_path / "o"), "train", 32)
     assert x.shape == (len(real), 32, 32) and y.tolist() == real["class_id"].tolist()
 
 
