@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 import evaluate
 import sample
 import train
-from model import HelpFormatter, replace_file
+from model import HelpFormatter, classes_of, replace_file
 
 FIDELITY_TARGET, REALISM_TARGET, GRAIN_TARGET = 0.9, 3.0, 1.1  # >= 0.9 x real; FD <= 3 x the floor; grain +10%
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
@@ -60,7 +60,8 @@ def score(args):
                "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
                "fidelity_over_real_worst": min(P[c]["fidelity"] / max(P[c]["accuracy"], 1e-3) for c in classes),
                "fd_ratio": R["summary"]["fd_ratio"], "fd_ratio_worst": max(P[c]["fd_ratio"] for c in classes),
-               "kid": R["summary"]["kid"]["synthetic"]["mean"], "grain_ratio": R["summary"]["grain"]["synthetic"]["mean"],
+               "kid": R["summary"]["kid"]["synthetic"]["mean"],
+               "grain_ratio": R["summary"]["grain"]["synthetic"]["mean"],
                "grain_ratio_worst": max(P[c]["grain"]["synthetic"]["mean"] for c in classes),
                "gradient_ratio_worst": max(P[c]["gradient"]["synthetic"]["mean"] for c in classes),
                **{f"fidelity {c}": P[c]["fidelity"] for c in classes}, **{f"fd_ratio {c}": P[c]["fd_ratio"] for c in classes}}
@@ -143,15 +144,16 @@ def cut_rare(data_dir, out, rare, k, seed):
     keep = rows if k == "all" else np.random.default_rng(seed).choice(rows, int(k), replace=False)
     os.makedirs(out, exist_ok=True)
     replace_file(os.path.join(out, "train.csv"), lambda tmp: df.drop(rows.difference(keep)).to_csv(tmp, index=False))
-    for name in ("val.csv", "test.csv", "cache.npy"):  # the same real films and cache rows: links, not copies
+    for name in ("val.csv", "test.csv", "cache.npy", "prepare.json"):  # the same films, cache rows, class names
         if os.path.exists(os.path.join(data_dir, name)) and not os.path.lexists(os.path.join(out, name)):
             os.symlink(os.path.abspath(os.path.join(data_dir, name)), os.path.join(out, name))
     return len(keep), df[df["label"] != rare]["label"].value_counts().max()
 
 
 def rare(args):
-    if args.rare not in evaluate.CLASSES:
-        raise SystemExit(f"curve.py: error: --rare {args.rare}: unknown class; choose from {', '.join(evaluate.CLASSES)}")
+    if args.rare not in (classes := classes_of(args.data_dir)):
+        raise SystemExit(f"curve.py: error: --rare {args.rare}: not a class of {args.data_dir}; choose from "
+                         f"{', '.join(classes)}")
     if not os.path.exists(os.path.join(args.data_dir, "train.csv")):
         raise SystemExit(f"curve.py: error: --data-dir {args.data_dir}: no train.csv (run prepare_data.py first)")
     size = args.size or train.cache_size(args.data_dir) or 32

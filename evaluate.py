@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
-from model import CLASSES, HelpFormatter, replace_file, set_threads
+from model import HelpFormatter, classes_of, replace_file, set_threads
 
-K = len(CLASSES)
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
 MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of real test-to-train distances
 CHUNK = 4096  # images per chunk when resizing or reducing a whole split: memory stays flat at NIH scale
@@ -40,9 +39,10 @@ def die(msg):
 # -----------------------------------------------------------------------------
 # data: real splits from cache.npy (or PNGs), synthetic images from manifest.csv
 
-def load(csv, size, workers, missing, empty):
-    """train/val/test.csv or manifest.csv -> x (N, size, size) uint8, y (N,) int64, the table. The images come from
-    cache.npy beside the csv where every row has a cache_row, else from the PNGs (relative paths: from the csv)."""
+def load(csv, size, workers, missing, empty, classes):
+    """train/val/test.csv or manifest.csv -> x (N, size, size) uint8, y (N,) int64 (the label's index in classes),
+    the table. The images come from cache.npy beside the csv where every row has a cache_row, else from the PNGs
+    (relative paths: from the csv)."""
     if not csv.exists():
         die(missing)
     df = pd.read_csv(csv)
@@ -50,9 +50,9 @@ def load(csv, size, workers, missing, empty):
         die(f"{csv}: {empty}")
     for col in sorted({"label", "path"} - set(df.columns)):
         die(f"{csv}: no column '{col}'")
-    if unknown := sorted(set(df["label"].astype(str)) - set(CLASSES)):
-        die(f"{csv}: unknown label '{unknown[0]}' (known: {', '.join(CLASSES)})")
-    y = df["label"].astype(str).map(CLASSES.index).to_numpy(np.int64)
+    if unknown := sorted(set(df["label"].astype(str)) - set(classes)):
+        die(f"{csv}: unknown label '{unknown[0]}' (the classes of --data-dir: {', '.join(classes)})")
+    y = df["label"].astype(str).map(classes.index).to_numpy(np.int64)
     resize = lambda im: np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0))  # as prepare_data.py
     cache = csv.parent / "cache.npy"
     if cache.exists() and "cache_row" in df.columns and (df["cache_row"] >= 0).all():
@@ -74,8 +74,8 @@ def load(csv, size, workers, missing, empty):
 
 def load_split(data_dir, split, size, workers=0):
     """-> x (N, size, size) uint8, y (N,) int64, the split's table"""
-    return load(Path(data_dir) / f"{split}.csv", size, workers,
-                f"--data-dir {data_dir}: no {split}.csv (run prepare_data.py first)", "empty split")
+    return load(Path(data_dir) / f"{split}.csv", size, workers, f"--data-dir {data_dir}: no {split}.csv (run "
+                "prepare_data.py first)", "empty split", classes_of(data_dir))
 
 
 def patients(df):  # (N,) str: the patient of each film; without patient ids, every film is its own patient
@@ -101,7 +101,7 @@ def to_input(x_u8, device):  # (B, H, W) uint8 -> (B, 1, H, W) in [-1, 1]
 # -----------------------------------------------------------------------------
 # reference classifier: strided stem -> 3 conv blocks -> global average pool (the features) -> linear
 
-def make_cnn(width):
+def make_cnn(width, K):
     def block(c_in, c_out, k=3, s=1):  # ceil_mode: a 16x16 test image still reaches 1x1
         return [nn.Conv2d(c_in, c_out, k, s, k // 2), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
     # ResNet-style stem (stride 2, pool: /4) keeps a CPU run to minutes; CXR findings span far more than 4 pixels
@@ -117,7 +117,7 @@ def predict(net, x, batch_size, device):
     return net[-1](f).softmax(1).cpu().double().numpy(), f.cpu().double().numpy()
 
 
-def draw_weights(y, n_real, share):
+def draw_weights(y, n_real, share, K):
     """(N,) chance of each image per draw: every class the same total (NIH is ~84% No Finding). Rows from n_real on
     are synthetic: with share > 0 they take that share of their class's draws, whatever their number."""
     synthetic = np.arange(len(y)) >= n_real
@@ -135,7 +135,7 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
                   lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share)
     torch.manual_seed(seed)
-    net = make_cnn(args.width).to(args.device)
+    net = make_cnn(args.width, args.n_classes).to(args.device)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
     for a in (x, y, xv, yv):  # each array hashed once per run, not per classifier; kept beside its digest: no id reuse
         if id(a) not in digests:  # no copy: x is ~1 GB at NIH scale
@@ -146,7 +146,7 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
         return net.eval(), True
     g = torch.Generator().manual_seed(seed)
-    w = torch.from_numpy(draw_weights(y, n_real, share))
+    w = torch.from_numpy(draw_weights(y, n_real, share, args.n_classes))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epoch_steps or math.ceil(len(x) / args.batch_size)
     best, best_state, best_epoch = np.inf, None, 0
@@ -193,6 +193,7 @@ def sensitivity_at(score, pos, specificity):
 
 def class_scores(probs, y, specificity):
     """(2, K + 1): every class's one-vs-rest AUC, then its sensitivity at `specificity`; last column: the macro mean"""
+    K = probs.shape[1]
     s = np.array([[auc(probs[:, c], y == c) for c in range(K)],
                   [sensitivity_at(probs[:, c], y == c, specificity) for c in range(K)]])
     mean = [[np.nanmean(row) if np.isfinite(row).any() else np.nan] for row in s]  # no warning where all are nan
@@ -307,7 +308,7 @@ def nearest(q, ref, device, chunk=512):
     return torch.cat([s for s, _ in best]).cpu().double().numpy(), torch.cat([j for _, j in best]).cpu().numpy()
 
 
-def bootstrap_auc(models, y, n_boot, seed, specificity=0.9):
+def bootstrap_auc(models, y, n_boot, seed, classes, specificity=0.9):
     """models: name -> list of probs (N, K), one per training seed. Each resample draws the test images with
     replacement and one seed per model: the 95% interval holds test sampling and training noise; the point is the
     mean over seeds; 'diff' is models[1] - models[0] on the same resample. Per class and macro: auc, sens, lo, hi."""
@@ -323,11 +324,11 @@ def bootstrap_auc(models, y, n_boot, seed, specificity=0.9):
     res = {}
     for m in point:
         ok = ~np.isnan(point[m])  # a class absent from test has no AUC
-        lo, hi = np.full((2, 2, K + 1), np.nan)
+        lo, hi = np.full((2, 2, len(classes) + 1), np.nan)
         lo[ok], hi[ok] = np.nanpercentile(reps[m][:, ok], [2.5, 97.5], axis=0)
         bands = {"": point[m], "_lo": lo, "_hi": hi}
         res[m] = {name: {f"{q}{end}": v[i, c] for i, q in enumerate(("auc", "sens")) for end, v in bands.items()}
-                  for c, name in enumerate(CLASSES + ["macro"])}
+                  for c, name in enumerate(classes + ["macro"])}
     return res
 
 
@@ -409,8 +410,10 @@ def main(argv=None):
     (xtr, ytr, dtr), (xva, yva, dva), (xte, yte, dte) = [load_split(args.data_dir, s, args.size, args.workers)
                                                          for s in ("train", "val", "test")]
     m = Path(args.samples)
-    xs, ys, ps = load(m / "manifest.csv" if m.is_dir() or not m.suffix else m, args.size, args.workers,
-                      f"--samples {args.samples}: no manifest.csv (run sample.py first)", "no synthetic images")
+    classes = classes_of(args.data_dir)  # the class names, in class_id order (prepare.json)
+    args.n_classes = len(classes)
+    xs, ys, ps = load(m / "manifest.csv" if m.is_dir() or not m.suffix else m, args.size, args.workers, f"--samples "
+                      f"{args.samples}: no manifest.csv (run sample.py first)", "no synthetic images", classes)
     # The reference classifier learns from a share of the training patients; the films of the others join val + test
     # in the real pool, the films every per-class figure compares against, so that a few dozen test films do not
     # decide them. itr: image names, for memorization.csv; groups: one code per patient, for the realism halves.
@@ -429,7 +432,7 @@ def main(argv=None):
     (p_tr, f_tr), (p_va, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
     mu, scale = f_tr[ref].mean(0), np.sqrt(f_tr[ref].var(0).mean())  # centred, in units of their spread on what
     f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # it learnt: KID's kernel needs O(1)
-    R["classifier"] = {"cached": cached, "macro_auc": class_scores(p_te, yte, args.specificity)[0, K]}
+    R["classifier"] = {"cached": cached, "macro_auc": class_scores(p_te, yte, args.specificity)[0, -1]}
 
     # ---- 2. memorization: each synthetic image's nearest training image by feature cosine and by pixel correlation,
     # flagged when closer than all but MIN_PCT% of real test images are (no patient is in two splits: not copied)
@@ -453,7 +456,7 @@ def main(argv=None):
     div = lambda a, b: (diversity(a, args.max_n, rng) / diversity(b, args.max_n, rng)  # synthetic over real
                         if min(len(a), len(b)) > 1 else np.nan)
     P, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(classes):
         s, r = ys == c, y_po == c  # this class's synthetic films and real pool films
         if s.any() or r.any():
             d = matched_realism(f_s[s], f_po[r], t_s[s], t_po[r], groups[r], args.repeats, args.max_n, rng)
@@ -470,10 +473,10 @@ def main(argv=None):
                                        for k in ("fidelity", "accuracy", "diversity_features", "diversity_pixels")},
                                        **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
     order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
-    save_rows_png([[(xs[i], f"synthetic {CLASSES[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
+    save_rows_png([[(xs[i], f"synthetic {classes[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
                     (xtr[jp[i]], f"train {itr[jp[i]]} r={r_s[i]:.3f}")] for i in order], out / "closest_pairs.png", 200)
     save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
-                   for c, n in enumerate(CLASSES) if n in P], out / "grid.png", 128)
+                   for c, n in enumerate(classes) if n in P], out / "grid.png", 128)
 
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
     R["utility"] = None
@@ -487,7 +490,7 @@ def main(argv=None):
                              dev)[0] for sd in seeds] for m, (x, y, n) in sets.items()}
         R["settings"]["n_synthetic_used"] = int(keep.sum())
         R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
-                        **bootstrap_auc(probs, yte, args.n_boot, args.seed, args.specificity)}
+                        **bootstrap_auc(probs, yte, args.n_boot, args.seed, classes, args.specificity)}
 
     # ---- 5. report: report.json, and report.md with the headline table first
     R = clean({**R, "seconds": time.time() - t_start})
@@ -519,8 +522,8 @@ def main(argv=None):
           f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
           f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
           "- **texture**, what the classifier's features barely see: grain (Immerkaer's noise estimate in the flattest "
-          "quarter of each film, gray levels) and mean |gradient| of synthetic films over real ones; 1 = as real; the floor's interval is the range real "
-          "films take against real films at this n: its calibrated range.",
+          "quarter of each film, gray levels) and mean |gradient| of synthetic films over real ones; 1 = as real; the "
+          "floor's interval is the range real films take against real films at this n: its calibrated range.",
           "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
           "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
           f"- **noise-like**: grainier than {GRAIN_X:g}x the grainiest real film: noise, not a film. Should be 0.",

@@ -17,13 +17,14 @@ import zipfile
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
-CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]
-NULL_CLASS = len(CLASSES)  # extra embedding for "no label": classifier-free guidance trains and samples with it
+CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]  # NIH's six: the
+# classes of a prepared folder or a checkpoint that names none (from before prepare_data.py --classes); see classes_of
 NUM_TIMESTEPS = 1000
 
 # -----------------------------------------------------------------------------
-# The UNet: diffusers' UNet2DModel, 1 channel in and out, a learned embedding per class (+ the null class) added to
-# the timestep embedding. Attention at the 16x16 level (affordable there, and global) and in the middle block.
+# The UNet: diffusers' UNet2DModel, 1 channel in and out, a learned embedding per class added to the timestep
+# embedding, and one more, the null class ("no label", = the number of classes), that classifier-free guidance
+# trains and samples with. Attention at the 16x16 level (affordable there, and global) and in the middle block.
 
 PRESETS = {  # name: (channels per resolution level, resnet layers per level, GroupNorm groups)
     "base":  ((128, 128, 256, 256, 512, 512), 2, 32),  # the standard diffusers 256x256 DDPM UNet, ~114M
@@ -37,7 +38,7 @@ def pick_preset(preset, image_size):
     return AUTO.get(image_size, "base") if preset == "auto" else preset
 
 
-def build_unet(image_size=256, preset="auto"):
+def build_unet(image_size=256, preset="auto", num_classes=len(CLASSES)):
     preset = pick_preset(preset, image_size)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from auto, {', '.join(PRESETS)}")
@@ -47,9 +48,22 @@ def build_unet(image_size=256, preset="auto"):
         raise ValueError(f"image size {image_size} does not fit preset {preset!r}: use a power of two >= {smallest}")
     attn = [image_size // 2 ** i == 16 for i in range(len(channels))]
     return UNet2DModel(sample_size=image_size, in_channels=1, out_channels=1, block_out_channels=channels,
-                       layers_per_block=layers, norm_num_groups=groups, num_class_embeds=NULL_CLASS + 1,
+                       layers_per_block=layers, norm_num_groups=groups, num_class_embeds=num_classes + 1,
                        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
+
+
+def null_label(unet):  # the class id that means "no label": the last class embedding
+    return unet.config.num_class_embeds - 1
+
+
+def classes_of(data_dir):
+    """The class names of a prepare_data.py folder, in class_id order (prepare.json); NIH's six where it names none."""
+    try:
+        with open(os.path.join(data_dir, "prepare.json")) as f:
+            return list(json.load(f).get("classes", CLASSES))
+    except (OSError, ValueError):
+        return list(CLASSES)
 
 
 def flops_per_image(model, image_size):
@@ -138,7 +152,7 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
     scheduler, timesteps = make_sampler(sampler, steps, schedule)
     generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]
     xt = torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)  # (B, 1, H, W)
-    both = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])  # the class, then the null label
+    both = torch.cat([labels, torch.full_like(labels, null_label(model))])  # the class, then the null label
     extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
     alpha_bar, v = schedule.alphas_cumprod.tolist(), schedule.config.prediction_type == "v_prediction"
     lam = lambda t: 0.5 * math.log(alpha_bar[t] / (1 - alpha_bar[t]))  # log signal-to-noise ratio of xt, per 2
@@ -291,7 +305,7 @@ Image.fromarray(gray).save(f"synthetic_class{{y}}_seed{{seed}}.png", pnginfo=inf
 """
 
 
-def export_pretrained(model, out_dir, schedule=None):
+def export_pretrained(model, out_dir, schedule=None, classes=CLASSES):
     """Write out_dir/unet, out_dir/scheduler, out_dir/README.md (replacing them); other files in out_dir are kept."""
     tmp = os.path.join(out_dir, "export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash mid-export
@@ -300,10 +314,10 @@ def export_pretrained(model, out_dir, schedule=None):
     # write every value: diffusers re-reads the ones it marks as defaults from whatever version loads the file
     scheduler = type(scheduler).from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
     scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-    y, rows = min(3, len(CLASSES) - 1), "\n".join(f"| {i} | {name} |" for i, name in enumerate(CLASSES))
+    y, rows = min(3, len(classes) - 1), "\n".join(f"| {i} | {name} |" for i, name in enumerate(classes))
     with open(os.path.join(tmp, "README.md"), "w") as f:  # only ddpm adds noise each step: it takes the generator
         f.write(CARD.format(size=model.config.sample_size, c=scheduler.config, cls=type(scheduler).__name__, y=y,
-                            y_name=CLASSES[y], rows=rows, null=NULL_CLASS, steps=DEFAULT_STEPS[CARD_SAMPLER],
+                            y_name=classes[y], rows=rows, null=len(classes), steps=DEFAULT_STEPS[CARD_SAMPLER],
                             w=DEFAULT_GUIDANCE, gen=", generator=g" if CARD_SAMPLER == "ddpm" else ""))
     for name in ("unet", "scheduler", "README.md"):  # each renamed into place whole: no reader sees half a unet/
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)

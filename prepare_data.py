@@ -1,18 +1,27 @@
-"""
-Prepare the NIH ChestX-ray14 images for class-conditional diffusion: pick the single-label images of 6 classes,
-split them 80/10/10 by patient (seeded, stratified), resolve paths, and cache them as one uint8 (N, size, size) array.
+r"""
+Prepare chest X-rays for class-conditional diffusion: a label file (or a folder per class) -> one label per film,
+split 80/10/10 by patient (seeded, stratified), paths resolved, and a uint8 (N, size, size) cache.
 
-    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--size 256] [--aspect crop]
+    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih [--size 256]   # NIH, 6 classes
+    python prepare_data.py --csv labels.csv --images /data/mine --out data/mine --classes "Normal,TB"   # a plain CSV
+    python prepare_data.py --images chest_xray --classes "No Finding=NORMAL,Pneumonia=PNEUMONIA" --out data/k64 \
+        --patient-regex "^(person\d+)_|^(NORMAL2-IM-\d+)-|^(IM-\d+)-" --size 64   # a folder per class (Kermany's)
     python prepare_data.py --demo --out data/demo [--size 32]   # phantom CXRs, seconds on a CPU
 
-Writes into --out: metadata.parquet, train/val/test.csv, cache.npy (unless --no-cache), missing.csv (listed, not on
-disk), bad_images.csv (on disk, unreadable), prepare.json (a rerun of the same inputs and settings does nothing).
+Three label sources, one path after reading: the NIH label file (Image Index, Finding Labels, Patient ID: the films
+labelled with exactly one of the classes), a plain CSV (image, label, optionally patient), or --images alone, where
+a film's label is its folder's name (--label-regex: a group of its path) and its patient a group of --patient-regex.
+--classes names the classes in class_id order ("Name" or "Name=label as written in the source"). Writes into --out:
+metadata.parquet, train/val/test.csv, cache.npy (unless --no-cache), missing.csv (listed, not on disk),
+bad_images.csv (on disk, unreadable), unlisted.csv (--drop-unlisted), prepare.json (the class names; a rerun of the
+same inputs and settings does nothing).
 """
 import argparse
 import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from multiprocessing import Pool
@@ -25,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, PngImagePlugin
 from tqdm import tqdm
 
-CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]  # class_id order
+CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]  # default --classes
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
             "Infiltration", "Mass", "No Finding", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
 SPLITS, FRACS = ["train", "val", "test"], np.array([0.8, 0.1, 0.1])
@@ -33,11 +42,33 @@ NEEDED = ["Image Index", "Finding Labels", "Patient ID"]
 LIST_COLS = ["image_index", "patient_id", "label", "class_id", "path", "cache_row", "synthetic"]  # + sample.py's
 SIZES = [2 ** k for k in range(5, 11)]  # train.py's UNet takes powers of two >= 32; NIH films are 1024 px: no upscaling
 WINDOW_PCT = (0.5, 99.5)  # >8-bit films: these percentiles -> 0..255; min/max let one hot pixel blacken the film
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what a folder-per-class layout may hold
 ERR = "prepare_data.py: error:"
 
 
+def norm(name):  # 'Pleural_Thickening' = ' pleural thickening': labels compare in any case, spaces or underscores
+    return " ".join(str(name).replace("_", " ").split()).lower()
+
+
+def parse_classes(text):
+    """--classes "No Finding,Viral pneumonia=virus" -> (class names in class_id order, {norm(label): class_id}).
+    "Name=label" maps the label as the source writes it onto the class name; "Name" alone is its own label."""
+    names, labels = [], {}
+    for item in text.split(","):
+        name, _, label = (part.strip() for part in item.partition("="))
+        if not name or not (label or name):
+            raise SystemExit(f"{ERR} --classes {text!r}: an empty class name")
+        if norm(name) in map(norm, names):
+            raise SystemExit(f"{ERR} --classes {text!r}: class '{name}' is named twice")
+        if norm(label or name) in labels:
+            raise SystemExit(f"{ERR} --classes {text!r}: label '{label or name}' is given to two classes")
+        labels[norm(label or name)] = len(names)
+        names.append(name)
+    return names, labels
+
+
 def read_labels(csv):
-    """Data_Entry_2017.csv (trailing comma on every line) or Data_Entry_2017_v2020.csv[.gz] -> DataFrame of NEEDED."""
+    """NIH's Data_Entry_2017.csv (a trailing comma on every line) or Data_Entry_2017_v2020.csv[.gz] -> DataFrame."""
     try:  # index_col=False: a trailing comma must not turn 'Image Index' into the index
         df = pd.read_csv(csv, index_col=False, dtype=str, usecols=lambda c: c.strip() in NEEDED)
     except (ValueError, OSError, EOFError) as e:  # missing file, bad gzip, not a CSV
@@ -52,22 +83,23 @@ def read_labels(csv):
                          "labels": df["Finding Labels"].fillna("")})
 
 
-def drop_duplicates(df, M, csv=""):
-    """An Image Index listed again (merged label files): dropped if patient and findings (M) agree, else an error."""
+def drop_duplicates(df, M, csv="", what="'Patient ID' or 'Finding Labels'"):
+    """An image listed again (merged label files): dropped if patient and label(s) (M) agree, else an error."""
     ref = pd.Series(np.arange(len(df))).groupby(df["image_index"].to_numpy()).transform("first").to_numpy()
     pid, lab = df["patient_id"].to_numpy(), df["labels"].to_numpy()  # ref: row of each image's first listing
     for i in np.flatnonzero((pid != pid[ref]) | (M != M[ref]).any(1))[:1]:
-        raise SystemExit(f"{ERR} --csv {csv}: '{df['image_index'].iat[i]}' is listed twice with different 'Patient ID'"
-                         f" or 'Finding Labels': {pid[ref[i]]}, '{lab[ref[i]]}' and {pid[i]}, '{lab[i]}'")
+        raise SystemExit(f"{ERR} --csv {csv}: '{df['image_index'].iat[i]}' is listed twice with different {what}: "
+                         f"{pid[ref[i]]}, '{lab[ref[i]]}' and {pid[i]}, '{lab[i]}'")
     keep = ref == np.arange(len(df))
     return df[keep].reset_index(drop=True), M[keep], int((~keep).sum())
 
 
-def parse_findings(labels, csv=""):
-    """'Effusion|Mass' strings -> (N, 15) int64 0/1 matrix over FINDINGS; an unknown name is an error."""
-    norm = lambda name: " ".join(name.replace("_", " ").split()).lower()  # 'Pleural_Thickening' = ' pleural thickening'
+def parse_findings(labels, csv="", extra=()):
+    """'Effusion|Mass' strings -> (N, 15 + len(extra)) int64 0/1 matrix over FINDINGS + extra (the labels of
+    --classes that are not NIH findings, as in an NIH-layout file of your own); an unknown name is an error."""
     codes, uniq = pd.factorize(labels)  # ~800 distinct label strings in 112k rows: parse each once
-    canon, U = [norm(f) for f in FINDINGS], np.zeros((len(uniq), len(FINDINGS)), dtype=np.int64)
+    canon = [norm(f) for f in [*FINDINGS, *extra]]
+    U = np.zeros((len(uniq), len(canon)), dtype=np.int64)
     for i, s in enumerate(uniq):
         for tok in s.split("|"):
             if norm(tok) not in canon:
@@ -76,14 +108,69 @@ def parse_findings(labels, csv=""):
     return U[codes]
 
 
-def select_classes(df, M):
-    """Keep rows whose whole label set is exactly one of CLASSES; adds label, class_id and the 15 finding columns."""
-    name = np.array(FINDINGS)[M.argmax(1)]
-    keep = (M.sum(1) == 1) & np.isin(name, CLASSES)
-    out = df.loc[keep, ["image_index", "patient_id"]].assign(
-        label=name[keep], class_id=np.array([CLASSES.index(n) for n in name[keep]], dtype=np.int64))
-    out[FINDINGS] = M[keep]
+def select_classes(df, M, column_class, columns=FINDINGS):
+    """NIH layout: keep rows whose whole label set is one finding (a column of M) of a class (column_class: class_id
+    per column, -1 for none) -> image_index, patient_id, labels (that finding), class_id, the finding columns."""
+    class_id = np.asarray(column_class)[M.argmax(1)]
+    keep = (M.sum(1) == 1) & (class_id >= 0)
+    out = df.loc[keep, ["image_index", "patient_id"]].assign(labels=np.array(columns)[M.argmax(1)][keep],
+                                                             class_id=class_id[keep])
+    out[list(columns)] = M[keep]
     return out.sort_values("image_index", kind="stable").reset_index(drop=True)
+
+
+def header(csv):  # a label file's column names (stripped): which kind of label file it is
+    with contextlib.suppress(ValueError, OSError, EOFError):  # read_labels and read_plain say what is wrong
+        return list(pd.read_csv(csv, nrows=0).columns.str.strip())
+    return []
+
+
+def read_plain(csv):
+    """A plain label file: columns image (a path under --images, or a file name found anywhere in it), label and,
+    optionally, patient -> image_index, patient_id, labels; without patients every film is its own."""
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SystemExit(f"{ERR} --csv {csv}: cannot read: {e}")
+    df.columns = [c.strip().lower() for c in df.columns]
+    for col in ("image", "label"):
+        if col not in df.columns:
+            raise SystemExit(f"{ERR} --csv {csv}: no column '{col}' (a plain label file has image, label and "
+                             f"optionally patient; NIH's has Image Index, Finding Labels, Patient ID)")
+    for col in ("image", "label") + (("patient",) if "patient" in df.columns else ()):
+        if (empty := np.flatnonzero(df[col].str.strip() == ""))[:1].size:
+            raise SystemExit(f"{ERR} --csv {csv}: row {empty[0] + 2}: empty '{col}'")
+    image = df["image"].str.strip()
+    patient = df["patient"].str.strip() if "patient" in df.columns else image
+    return pd.DataFrame({"image_index": image, "patient_id": patient, "labels": df["label"].str.strip()})
+
+
+def read_folders(root, label_regex=None, patient_regex=None):
+    """--images alone: every image file under root; its label is the name of its folder (or the first group of
+    label_regex found in its path under root), its patient the first group of patient_regex that matches its file
+    name (or the film itself) -> image_index (the path under root), patient_id, labels, path."""
+    rows = []
+    for d, dirs, files in os.walk(os.path.realpath(root)):
+        dirs.sort()
+        rows += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_TYPES)]
+    rel = [os.path.relpath(p, os.path.realpath(root)) for p in rows]
+    if not rows:
+        raise SystemExit(f"{ERR} --images {root}: no image files ({', '.join(IMAGE_TYPES)}) under it")
+
+    def group(regex, text, flag):
+        m = re.search(regex, text)
+        if m is None or all(g is None for g in m.groups()):
+            raise SystemExit(f"{ERR} {flag} '{regex}': no match (or no group) in '{text}'")
+        return next(g for g in m.groups() if g is not None)
+    if label_regex:
+        labels = [group(label_regex, r, "--label-regex") for r in rel]
+    elif any(os.path.dirname(r) == "" for r in rel):
+        raise SystemExit(f"{ERR} --images {root}: no class folders ('{rel[0]}' lies at its top); expected "
+                         f"<class>/<image> below it, e.g. chest_xray/train/NORMAL/IM-0115-0001.jpeg, or --csv")
+    else:
+        labels = [os.path.basename(os.path.dirname(r)) for r in rel]
+    patients = [group(patient_regex, os.path.basename(r), "--patient-regex") for r in rel] if patient_regex else rel
+    return pd.DataFrame({"image_index": rel, "patient_id": patients, "labels": labels, "path": rows})
 
 
 def split_patients(df, seed=0):
@@ -91,7 +178,7 @@ def split_patients(df, seed=0):
     Greedy: patients go rarest class first, larger patients first (shuffled among equals), each to the split
     with the largest relative image deficit. Depends only on the label rows and the seed."""
     pids, inv = np.unique(df["patient_id"].to_numpy(), return_inverse=True)
-    V = np.zeros((len(pids), len(CLASSES)))  # (P, C) images per patient and class
+    V = np.zeros((len(pids), df["class_id"].max() + 1))  # (P, C) images per patient and class
     np.add.at(V, (inv, df["class_id"].to_numpy()), 1)
     total = V.sum(0)  # (C,)
     stratum = np.where(V > 0, total, np.inf).argmin(1)  # each patient's rarest class
@@ -271,11 +358,20 @@ def make_demo(raw, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare NIH ChestX-ray14 (or a phantom demo) for training.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Prepare labelled chest X-rays (NIH, your own, or a phantom demo) for "
+                                "training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- input ----
-    p.add_argument("--csv", help="Data_Entry_2017.csv or Data_Entry_2017_v2020.csv[.gz]")
-    p.add_argument("--images", help="root holding the unpacked images (searched recursively)")
+    p.add_argument("--csv", "--labels-csv", help="NIH's Data_Entry_2017[_v2020].csv[.gz], or a plain CSV with columns "
+                   "image, label[, patient]; omit it to read the labels from the folders under --images")
+    p.add_argument("--images", help="root holding the images (searched recursively)")
+    p.add_argument("--classes", default=",".join(CLASSES), help="class names in class_id order, comma-separated; "
+                   "Name=label maps a label as the source writes it (a folder name, say) to a class name")
+    p.add_argument("--drop-unlisted", action="store_true", help="keep only films labelled with one of --classes; "
+                   "the others are counted and listed in unlisted.csv (else they are an error)")
+    p.add_argument("--label-regex", help="folders: the label is the first group of this regex found in the film's "
+                   "path under --images (default: the name of its folder)")
+    p.add_argument("--patient-regex", help="folders: the patient is the first group of this regex that matches the "
+                   "film's file name (default: every film its own patient)")
     p.add_argument("--demo", action="store_true", help="generate a phantom dataset in --out/raw and prepare it")
     # ---- output ----
     p.add_argument("--out", required=True, help="output directory")
@@ -295,50 +391,103 @@ def main(argv=None):
                          f"takes powers of two >= 32)")
     if args.workers < 1:
         raise SystemExit(f"{ERR} --workers must be >= 1")
+    for flag in ("label_regex", "patient_regex"):
+        with contextlib.suppress(TypeError):
+            try:
+                re.compile(getattr(args, flag))
+            except re.error as e:
+                raise SystemExit(f"{ERR} --{flag.replace('_', '-')} '{getattr(args, flag)}': not a regex ({e})")
+    names, labels = parse_classes(args.classes)
     if args.demo:  # the phantoms are inputs like any other: never regenerated under a prepared dataset
         args.csv, args.images = os.path.join(out, "raw", "Data_Entry_2017.csv"), os.path.join(out, "raw")
         if args.overwrite or not done:
             make_demo(args.images, args.seed)  # creates --out too
         elif not os.path.isfile(args.csv):
             raise SystemExit(f"{held}, not a demo; pass --overwrite to replace it")
-    elif not args.csv or not args.images:
-        raise SystemExit(f"{ERR} --csv and --images are required (or use --demo)")
+    elif not args.images:
+        raise SystemExit(f"{ERR} --images is required (with --csv, or alone for a folder per class; or use --demo)")
     if not os.path.isdir(args.images):
         raise SystemExit(f"{ERR} --images {args.images}: no such directory")
 
-    # ---- labels -> kept images -> patient split (before looking at the disk: the split never depends on it) ----
-    t0 = time.time()
-    raw = read_labels(args.csv)
-    df, M, n_dup = drop_duplicates(raw, parse_findings(raw["labels"], args.csv), args.csv)
-    meta = select_classes(df, M)
+    # ---- labels -> one label per film -> patient split (before looking at the disk: the split never depends on it)
+    t0, n_dup = time.time(), 0
+    if args.csv and not os.path.isfile(args.csv):
+        raise SystemExit(f"{ERR} --csv {args.csv}: no such file")
+    source = "folders" if not args.csv else "nih" if "Image Index" in header(args.csv) else "csv"
+    if source == "nih":  # the films whose whole label set is one finding that --classes names
+        extra = [lab for lab in labels if lab not in map(norm, FINDINGS)]  # your own labels in NIH's layout
+        findings = FINDINGS + [names[labels[lab]] for lab in extra]  # the finding columns, named by their class
+        raw = read_labels(args.csv)
+        df, M, n_dup = drop_duplicates(raw, parse_findings(raw["labels"], args.csv, extra), args.csv)
+        column_class = [labels.get(norm(f), -1) for f in FINDINGS + extra]
+        meta, unlisted = select_classes(df, M, column_class, findings), df.iloc[:0]
+        what = "single-label images"
+    else:  # one label per film, from a plain CSV or the folders
+        raw = read_plain(args.csv) if source == "csv" else read_folders(args.images, args.label_regex,
+                                                                         args.patient_regex)
+        df = raw
+        if source == "csv":
+            df, _, n_dup = drop_duplicates(raw, raw[["labels"]].to_numpy(), args.csv, "patient or label")
+        df = df.assign(class_id=df["labels"].map(norm).map(labels).fillna(-1).astype(np.int64))
+        meta, unlisted = df[df.class_id >= 0].sort_values("image_index", kind="stable").reset_index(drop=True), \
+            df[df.class_id < 0]
+        if len(unlisted) and not args.drop_unlisted:
+            counts = unlisted["labels"].value_counts()
+            raise SystemExit(f"{ERR} {args.csv or args.images}: {len(unlisted)} films labelled with no class of "
+                             f"--classes: " + ", ".join(f"'{k}' ({v})" for k, v in counts.items())
+                             + "; name them in --classes (Name=label) or pass --drop-unlisted")
+        if (df["patient_id"] == df["image_index"]).all():
+            print("no patient ids: every film counts as its own patient. If patients have several films, they can "
+                  "land in two splits (leakage): give the label file a patient column, or --patient-regex")
+        what = "labelled films"
+    meta["label"] = np.array(names)[meta["class_id"]] if len(meta) else ""
+    explicit = args.classes != p.get_default("classes")  # a user's own list must be learnable as a whole
+    for c, name in enumerate(names):
+        n, pts = (meta.class_id == c).sum(), meta.loc[meta.class_id == c, "patient_id"].nunique()
+        why = "no film" if n == 0 else f"{n} films of {pts} patients" if pts < 3 else ""
+        if why and explicit:
+            raise SystemExit(f"{ERR} --classes: class '{name}' has {why} in {args.csv or args.images}; a patient "
+                             f"split into train, val and test needs at least 3 patients")
+        elif why:
+            print(f"class '{name}' has {why}: not every split will hold it")
     if len(meta) == 0:
-        raise SystemExit(f"{ERR} --csv {args.csv}: no image labelled exactly one of {CLASSES}")
+        raise SystemExit(f"{ERR} {args.csv or args.images}: no film labelled with one of {names}")
     meta["split"] = split_patients(meta, args.seed)
     assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
     assert meta["image_index"].is_unique, "an image is in two splits"  # or twice in one: never written
-    print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta)} single-label images of "
-          f"{meta.patient_id.nunique()} patients")
+    print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta)} {what} of "
+          f"{meta.patient_id.nunique()} patients" + (f" ({len(unlisted)} of other labels dropped: unlisted.csv)"
+                                                     if len(unlisted) else ""))
 
     # ---- resolve paths; missing images are dropped, counted and listed ----
-    meta["path"] = meta["image_index"].map(index_images(args.images))
+    if source != "folders":  # a file name found anywhere under --images, or (a plain CSV) a path under it
+        index = index_images(args.images)
+        here = lambda name: os.path.realpath(os.path.join(args.images, name)) if source == "csv" and os.path.isfile(
+            os.path.join(args.images, name)) else None
+        meta["path"] = [here(n) or index.get(os.path.basename(n)) for n in meta["image_index"]]
     missing = meta[meta["path"].isna()]
     meta = meta[meta["path"].notna()].reset_index(drop=True)
     if len(missing):
         print(f"{len(missing)} images not found under {args.images} (missing.csv):")
-        print(pd.crosstab(missing.label, missing.split).reindex(index=CLASSES, columns=SPLITS, fill_value=0))
+        print(pd.crosstab(missing.label, missing.split).reindex(index=names, columns=SPLITS, fill_value=0))
     if len(meta) == 0:
         raise SystemExit(f"{ERR} --images {args.images}: none of the images in {args.csv} found")
     print(f"labels and paths: {time.time() - t0:.1f}s")
 
     # ---- the same inputs and settings as the dataset in --out: nothing to do; anything else needs --overwrite ----
-    stamp = {"labels_sha256": hashlib.sha256(Path(args.csv).read_bytes()).hexdigest(),
+    listing = raw[["image_index", "patient_id", "labels"]].to_csv(index=False).encode()  # the folders' "label file"
+    stamp = {"labels_sha256": hashlib.sha256(Path(args.csv).read_bytes() if args.csv else listing).hexdigest(),
              "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),  # paths, not contents
-             "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache}
+             "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache,
+             "classes": names, "source": source, "label_map": args.classes, "label_regex": args.label_regex,
+             "patient_regex": args.patient_regex, "drop_unlisted": args.drop_unlisted}
     if done and not args.overwrite:
         old = {}
         with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
             old = json.load(fh)
-        if not (diff := [k for k in stamp if old.get(k) != stamp[k]]):
+        before = {"classes": CLASSES, "source": "nih", "label_map": ",".join(CLASSES), "label_regex": None,
+                  "patient_regex": None, "drop_unlisted": False}  # what a prepare.json from before --classes means
+        if not (diff := [k for k in stamp if {**before, **old}.get(k) != stamp[k]]):
             return print(f"{out} is already prepared from the same inputs and settings (prepare.json): nothing to do")
         why = f"other {', '.join(diff)}" if old else "no prepare.json"
         raise SystemExit(f"{held} from other inputs or settings ({why}); pass --overwrite to replace it")
@@ -362,16 +511,19 @@ def main(argv=None):
 
     # ---- write: temp name + rename; metadata.parquet, then prepare.json last: they mark a finished dataset ----
     head = ["image_index", "patient_id", "label", "class_id", "split"]  # the columns every table starts with
-    meta = meta[head + ["path", "cache_row", "synthetic"] + FINDINGS]
-    for name, table in {"missing.csv": missing[head], "bad_images.csv": bad[head + ["path", "error"]],
-                        **{f"{sp}.csv": meta.loc[meta.split == sp, LIST_COLS] for sp in SPLITS}}.items():
+    meta = meta[head + ["path", "cache_row", "synthetic"] + (findings if source == "nih" else [])]
+    tables = {"missing.csv": missing[head], "bad_images.csv": bad[head + ["path", "error"]],
+              **{f"{sp}.csv": meta.loc[meta.split == sp, LIST_COLS] for sp in SPLITS}}
+    if len(unlisted):
+        tables["unlisted.csv"] = unlisted[["image_index", "patient_id", "labels"]].rename(columns={"labels": "label"})
+    for name, table in tables.items():
         replace_file(os.path.join(out, name), lambda tmp: table.to_csv(tmp, index=False))
     table = pa.Table.from_pandas(meta, preserve_index=False).replace_schema_metadata(None)  # same inputs, same bytes
     replace_file(os.path.join(out, "metadata.parquet"), lambda tmp: pq.write_table(table, tmp))
     replace_file(os.path.join(out, "prepare.json"), lambda tmp: Path(tmp).write_text(json.dumps(stamp, indent=1)))
 
-    img = pd.crosstab(meta.label, meta.split).reindex(index=CLASSES, columns=SPLITS, fill_value=0)
-    pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=CLASSES, columns=SPLITS)
+    img = pd.crosstab(meta.label, meta.split).reindex(index=names, columns=SPLITS, fill_value=0)
+    pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=names, columns=SPLITS)
     share = (100 * img.div(img.sum(axis=1).clip(lower=1), axis=0)).round(1)
     print(pd.concat({"images": img, "patients": pat.fillna(0).astype(int), "share %": share}, axis=1).to_string())
     print(f"total: {len(meta)} images, {meta.patient_id.nunique()} patients -> {out}")

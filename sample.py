@@ -42,14 +42,15 @@ def slug(name):
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # "No Finding" -> "no_finding"
 
 
-def parse_classes(values):
-    """--class values -> class ids in the order given: a name in any case with spaces or underscores, an id, or all"""
-    known = {slug(c): [i] for i, c in enumerate(model.CLASSES)} | {str(i): [i] for i in range(len(model.CLASSES))}
-    known["all"] = list(range(len(model.CLASSES)))
+def parse_classes(values, classes, ckpt=""):
+    """--class values -> class ids in the order given: a name of `classes` (the checkpoint's) in any case with spaces
+    or underscores, an id, or all"""
+    known = {slug(c): [i] for i, c in enumerate(classes)} | {str(i): [i] for i in range(len(classes))}
+    known["all"] = list(range(len(classes)))
     for v in values:
         if slug(v) not in known:
-            die(f"--class {v!r}: unknown class; choose from {', '.join(model.CLASSES)}, "
-                f"a class_id 0-{len(model.CLASSES) - 1}, or all")
+            die(f"--class {v!r}: not a class of {ckpt or 'the checkpoint'}; choose from {', '.join(classes)}, "
+                f"a class_id 0-{len(classes) - 1}, or all")
     return list(dict.fromkeys(i for v in values for i in known[slug(v)]))  # drop repeats, keep order
 
 
@@ -76,7 +77,7 @@ def main(argv=None):
     # ---- what to generate ----
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder holding ckpt.pt")
     p.add_argument("--class", dest="classes", action="append", required=True, metavar="CLASS",
-                   help=f"repeatable: {', '.join(model.CLASSES)} (any case, _ for spaces), a class_id, or all")
+                   help="repeatable: a class of the checkpoint (any case, _ for spaces), a class_id, or all")
     p.add_argument("--n", type=int, default=16, help="images per class")
     p.add_argument("--seed", type=int, default=0, help="image i of class c always starts from the same noise")
     # ---- sampler ----
@@ -96,7 +97,6 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     # validate everything cheap before touching the checkpoint or the disk
-    classes = parse_classes(args.classes)
     sampler = args.sampler.lower()
     steps = args.steps if args.steps is not None else model.DEFAULT_STEPS.get(sampler, 1)
     try:
@@ -124,8 +124,10 @@ def main(argv=None):
         die(f"--ckpt {e}")
     except (KeyError, RuntimeError) as e:  # a project checkpoint whose weights are missing or do not fit its config
         die(f"--ckpt {args.ckpt}: cannot build the UNet from it ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if list(ckpt["classes"]) != model.CLASSES:
-        die(f"--ckpt {args.ckpt}: trained on classes {ckpt['classes']}, this code expects {model.CLASSES}")
+    names = list(ckpt["classes"])  # the class names it was trained on, in class_id order
+    if unet.config.num_class_embeds != len(names) + 1:
+        die(f"--ckpt {args.ckpt}: {len(names)} class names for a UNet with {unet.config.num_class_embeds} embeddings")
+    classes = parse_classes(args.classes, names, args.ckpt)
     sha = hashlib.sha256()
     with open(os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt, "rb") as f:
         while chunk := f.read(1 << 20):  # 1 MiB at a time (hashlib.file_digest needs Python 3.11)
@@ -159,7 +161,7 @@ def main(argv=None):
             x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule)  # (B, 1, H, W)
         pixels = ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()[:, 0]  # (B, H, W)
         for (c, i), im in zip(batch, pixels):
-            name, label = f"{slug(model.CLASSES[c])}_s{args.seed}_{i:05d}.png", model.CLASSES[c]
+            name, label = f"{slug(names[c])}_s{args.seed}_{i:05d}.png", names[c]
             save_png(im, os.path.join(out, name), {**text, "class": label, "class_id": c, "index": i})
             rows.append(dict(image_index=name, patient_id=None, label=label, class_id=c, path=os.path.join(out, name)))
             if len(previews[c]) < GRID_MAX:
@@ -169,8 +171,8 @@ def main(argv=None):
     dt = time.time() - t0
 
     for c, ims in previews.items():
-        name = f"grid_{slug(model.CLASSES[c])}.png"  # a preview: not in the manifest, never a training image
-        save_png(grid(ims), os.path.join(out, name), {**text, "class": model.CLASSES[c]})
+        name = f"grid_{slug(names[c])}.png"  # a preview: not in the manifest, never a training image
+        save_png(grid(ims), os.path.join(out, name), {**text, "class": names[c]})
     manifest = pd.DataFrame(rows).assign(synthetic=1, **settings)  # train.csv's columns (no cache_row) + these
     model.replace_file(os.path.join(out, "manifest.csv"), lambda tmp: manifest.to_csv(tmp, index=False))
     print(f"wrote {len(rows)} synthetic images, {len(previews)} grids and manifest.csv to {out} "

@@ -29,8 +29,8 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from model import (AUTO, CLASSES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_CLASS, NUM_TIMESTEPS, PRESETS,
-                   HelpFormatter, add_noise, auto_amp, build_unet, export_pretrained, load_checkpoint, loss_weights,
+from model import (AUTO, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NUM_TIMESTEPS, PRESETS, HelpFormatter,
+                   add_noise, auto_amp, build_unet, classes_of, export_pretrained, load_checkpoint, loss_weights,
                    make_schedule, pick_preset, replace_file, sample, save_checkpoint, set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
@@ -132,8 +132,8 @@ def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; 
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one op, not ~300 small ones
 
 
-def drop_labels(y, cond_drop, g):  # classifier-free guidance training: a label becomes NULL_CLASS with p = cond_drop
-    return y.masked_fill(torch.rand(y.shape, generator=g, device=y.device) < cond_drop, NULL_CLASS)
+def drop_labels(y, cond_drop, g, null):  # classifier-free guidance training: a label becomes null with p = cond_drop
+    return y.masked_fill(torch.rand(y.shape, generator=g, device=y.device) < cond_drop, null)
 
 # -----------------------------------------------------------------------------
 # data: the order of training images is a function of (seed, position) alone, so --resume is exact
@@ -142,7 +142,7 @@ def drop_labels(y, cond_drop, g):  # classifier-free guidance training: a label 
 def class_weights(class_id, balance):
     """Per-image draw weight n_c^0, n_c^-1/2 or n_c^-1: class shares become proportional to n, sqrt(n), 1."""
     power = {"none": 0.0, "sqrt": -0.5, "inverse": -1.0}[balance]
-    n = np.bincount(class_id, minlength=len(CLASSES)).astype(np.float64)
+    n = np.bincount(class_id).astype(np.float64)
     return torch.from_numpy(n[class_id] ** power)
 
 
@@ -175,7 +175,7 @@ def load_batch(rows, cache, cache_row, path, class_id, size):
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(class_id[rows])
 
 
-def read_split(data_dir, split):  # -> load_batch's cache_row, path and class_id, as arrays
+def read_split(data_dir, split, classes):  # -> load_batch's cache_row, path and class_id, as arrays
     csv = os.path.join(data_dir, f"{split}.csv")
     if not os.path.isfile(csv):
         die(f"--data-dir {data_dir}: no {split}.csv; prepare the data first: python prepare_data.py "
@@ -186,6 +186,10 @@ def read_split(data_dir, split):  # -> load_batch's cache_row, path and class_id
         die(f"{csv}: no column {sorted(missing)[0]!r}; rerun prepare_data.py")
     if len(df) == 0:
         die(f"{csv}: the {split} split has no rows")
+    named = np.array(classes + [None])[df["class_id"].clip(-1, len(classes))]  # -1 and too large: None
+    if (bad := np.flatnonzero(named != df["label"].to_numpy()))[:1].size:
+        die(f"{csv}: row {bad[0] + 2}: class_id {df['class_id'].iat[bad[0]]} '{df['label'].iat[bad[0]]}' is not a "
+            f"class of {data_dir} ({', '.join(classes)}); rerun prepare_data.py")
     return {c: df[c].to_numpy() for c in ("cache_row", "path", "class_id")}
 
 
@@ -213,19 +217,19 @@ def val_loss(loss_per_image, unet, val_set, batch_size):
     return total.item() / n
 
 
-def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule):
+def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule, classes):
     """One row per class, EMA weights, sample.py's default sampler, the same seeds every time so grids compare."""
-    labels = torch.arange(len(CLASSES), device=device).repeat_interleave(per_class)  # (6 * per_class,)
+    labels = torch.arange(len(classes), device=device).repeat_interleave(per_class)  # (classes * per_class,)
     with autocast():
         x = sample(ema, labels, DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], guidance,
                    [torch.Generator().manual_seed(i) for i in range(len(labels))], schedule)
     x = ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()[:, 0]  # (6k, H, W)
     size = x.shape[-1]
-    rows = x.reshape(len(CLASSES), per_class, size, size).transpose(0, 2, 1, 3).reshape(len(CLASSES) * size, -1)
+    rows = x.reshape(len(classes), per_class, size, size).transpose(0, 2, 1, 3).reshape(len(classes) * size, -1)
     im = Image.new("L", (LABEL_W + rows.shape[1], rows.shape[0]))
     im.paste(Image.fromarray(rows), (LABEL_W, 0))
     draw = ImageDraw.Draw(im)
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(classes):
         draw.text((2, c * size + size // 2 - 6), name, fill=255)
     info = PngInfo()  # synthetic images must be recognisable as synthetic
     info.add_text("synthetic", "1")
@@ -296,7 +300,8 @@ def main(argv=None):
         return loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))
 
     # ---- data: the stream of training batches from where the run stands, and the fixed val set ----
-    train, val = read_split(args.data_dir, "train"), read_split(args.data_dir, "val")
+    classes = classes_of(args.data_dir)  # names in class_id order (prepare.json): they size the class embedding
+    train, val = read_split(args.data_dir, "train", classes), read_split(args.data_dir, "val", classes)
     cached = cache_size(args.data_dir)
     cache = os.path.join(args.data_dir, "cache.npy") if cached else None
     args.image_size = size = args.image_size or cached or 256
@@ -305,9 +310,9 @@ def main(argv=None):
     args.warmup_steps = min(1000, args.max_steps // WARMUP_SHARE) if args.warmup_steps is None else args.warmup_steps
     if cached and size != cached:
         die(f"--image-size {size} does not match {cache} ({cached}px); omit it or use prepare_data.py --size {size}")
-    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != CLASSES):
+    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != classes):
         die(f"--resume: {ckpt_path} was trained at {ckpt['image_size']}px on classes {ckpt['classes']}, "
-            f"not at {size}px on {CLASSES}; use another --out-dir")
+            f"not at {size}px on {classes}; use another --out-dir")
     start, seen, train_s = (ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)) if ckpt else (0, 0, 0.0)
     workers = args.num_workers if args.num_workers is not None else 0 if cache and device.type == "cpu" else 4
     stream = index_stream(class_weights(train["class_id"], args.balance), args.balance != "none", args.seed, seen)
@@ -326,7 +331,7 @@ def main(argv=None):
     # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
     torch.manual_seed(args.seed)
     try:
-        unet = build_unet(size, args.preset)
+        unet = build_unet(size, args.preset, len(classes))
     except ValueError as e:
         die(f"--image-size {size} / --preset {args.preset}: {e}")
     if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
@@ -367,7 +372,7 @@ def main(argv=None):
     def checkpoint(path, **state):  # ckpt.pt: + all --resume needs; a snapshot: the EMA alone (sample.py, curve.py)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint(path, {"ema": ema.state_dict(), "step": done, "time_s": train_s, "schedule": schedule,
-                               "unet_config": unet_config(unet), "classes": list(CLASSES), "image_size": size,
+                               "unet_config": unet_config(unet), "classes": classes, "image_size": size,
                                "args": vars(args), **state})
     stop = []
 
@@ -393,7 +398,7 @@ def main(argv=None):
             g.manual_seed(args.seed * 1_000_003 + (step * args.grad_accum + micro) * world + rank)
             t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), generator=g, device=device)  # (B,) uniform
             eps = torch.randn(x0.shape, generator=g, device=device)  # (B, 1, H, W)
-            y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g)
+            y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g, len(classes))
             # DDP averages the gradients on the last micro-batch only
             with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
                 loss = loss_per_image(model, x0, eps, t, y).mean()
@@ -432,7 +437,7 @@ def main(argv=None):
                            val=f"{v:.6g}" if evaluate else "")
         if master and (due(args.sample_every) or args.sample_every > 0 and done == args.max_steps):  # and the last
             save_grid(ema, os.path.join(args.out_dir, f"samples_step{done:06d}.png"), args.sample_per_class,
-                      args.sample_guidance, done, device, autocast, noise_schedule)
+                      args.sample_guidance, done, device, autocast, noise_schedule, classes)
         if master and save:
             checkpoint(ckpt_path, model=unet.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                        samples_seen=seen, rng=rng_state())
@@ -448,7 +453,7 @@ def main(argv=None):
     # ---- the end (ckpt.pt was saved in the last step): the EMA weights for UNet2DModel.from_pretrained ----
     if master:
         export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir,
-                          noise_schedule)
+                          noise_schedule, classes)
         print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet")
     if world > 1:  # wait until every rank is here, so no gloo worker still holds a tensor from the last all-reduce:
         dist.barrier()  # tearing the group down under one deadlocks on the GIL (seen here as a hang at exit)

@@ -239,8 +239,8 @@ def test_bootstrap_interval_widens_with_training_noise():
     y = np.repeat(np.arange(K), 30)
     clean = np.eye(K)[y] * 0.6 + rng.random((len(y), K))
     noisy = [clean + rng.normal(0, s, clean.shape) for s in (0.0, 0.8, 1.6)]  # three seeds that disagree
-    one = evaluate.bootstrap_auc({"a": [clean], "b": [clean]}, y, 300, 0)
-    many = evaluate.bootstrap_auc({"a": noisy, "b": noisy}, y, 300, 0)
+    one = evaluate.bootstrap_auc({"a": [clean], "b": [clean]}, y, 300, 0, CLASSES)
+    many = evaluate.bootstrap_auc({"a": noisy, "b": noisy}, y, 300, 0, CLASSES)
     width = lambda r: r["a"]["macro"]["auc_hi"] - r["a"]["macro"]["auc_lo"]
     assert width(many) > 1.5 * width(one)
     assert one["diff"]["macro"]["auc"] == 0 and one["diff"]["macro"]["auc_lo"] == one["diff"]["macro"]["auc_hi"] == 0
@@ -296,7 +296,7 @@ def test_sensitivity_at_a_fixed_specificity():
 def test_synthetic_share_sets_their_part_of_the_class_draws():
     y = np.r_[np.zeros(30, int), np.ones(10, int), np.ones(50, int)]  # 30 real class 0, 10 real + 50 synthetic class 1
     for share, synthetic_part in ((0.0, 50 / 60), (0.25, 0.25), (0.5, 0.5)):
-        w = evaluate.draw_weights(y, 40, share)
+        w = evaluate.draw_weights(y, 40, share, 6)
         assert w[:30].sum() == pytest.approx(0.5) and w[30:].sum() == pytest.approx(0.5)  # classes stay balanced
         assert w[40:].sum() / 0.5 == pytest.approx(synthetic_part)
         assert np.ptp(w[30:40]) == 0 and np.ptp(w[40:]) == 0  # alike within real and within synthetic

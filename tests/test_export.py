@@ -55,7 +55,7 @@ def test_the_card_states_classes_null_label_pixels_and_the_warning(unet, tmp_pat
     card = (tmp_path / "README.md").read_text()
     for i, name in enumerate(model.CLASSES):
         assert f"| {i} | {name} |" in card
-    assert f"| {model.NULL_CLASS} | null label" in card
+    assert f"| {len(model.CLASSES)} | null label" in card
     assert "[-1, 1]" in card and "(x + 1) * 127.5" in card and "32x32" in card
     assert "Synthetic images, not patient images. Not for diagnosis" in card
     assert f"w = {model.DEFAULT_GUIDANCE}" in card and f"{model.DEFAULT_STEPS[model.CARD_SAMPLER]} steps" in card

@@ -14,7 +14,7 @@ def test_every_preset_maps_1xHxW_to_1xHxW(preset, sizes):
     for size in sizes:
         with torch.device("meta"):  # shapes only: the base UNet at 256 would take seconds on a CPU
             unet = model.build_unet(size, preset)
-            out = unet(torch.zeros(2, 1, size, size), torch.tensor([0, 999]), class_labels=torch.tensor([0, model.NULL_CLASS])).sample
+            out = unet(torch.zeros(2, 1, size, size), torch.tensor([0, 999]), class_labels=torch.tensor([0, len(model.CLASSES)])).sample
         assert out.shape == (2, 1, size, size)
         assert unet.config.num_class_embeds == len(model.CLASSES) + 1 == 7
 
@@ -43,15 +43,15 @@ def test_sizes_and_presets_that_cannot_work_are_clear_errors(preset, size):
 def test_class_label_changes_the_output_and_null_class_is_valid():
     torch.manual_seed(0)
     unet = model.build_unet(32, "tiny").eval()
-    xt = torch.randn(1, 1, 32, 32).repeat(model.NULL_CLASS + 1, 1, 1, 1)
-    t = torch.full((model.NULL_CLASS + 1,), 500)
+    xt = torch.randn(1, 1, 32, 32).repeat(len(model.CLASSES) + 1, 1, 1, 1)
+    t = torch.full((len(model.CLASSES) + 1,), 500)
     with torch.no_grad():
-        eps = unet(xt, t, class_labels=torch.arange(model.NULL_CLASS + 1)).sample  # every class and the null class
+        eps = unet(xt, t, class_labels=torch.arange(len(model.CLASSES) + 1)).sample  # every class and the null class
     assert torch.isfinite(eps).all()
-    for i in range(1, model.NULL_CLASS + 1):
+    for i in range(1, len(model.CLASSES) + 1):
         assert (eps[i] - eps[0]).abs().max() > 1e-4
     with pytest.raises(IndexError):  # there is no eighth embedding
-        unet(xt[:1], t[:1], class_labels=torch.tensor([model.NULL_CLASS + 1]))
+        unet(xt[:1], t[:1], class_labels=torch.tensor([len(model.CLASSES) + 1]))
 
 
 def test_shift_divides_every_snr_and_stays_a_diffusers_schedule():
@@ -103,13 +103,13 @@ class LinearEps(torch.nn.Module):
     """A stand-in eps model with a known answer: eps = 0.1 * x + k[label] (+ w * (k[label] - k[null]) if guided_w)."""
     def __init__(self, guided_w=None):
         super().__init__()
-        self.k, self.guided_w = torch.linspace(-0.5, 0.5, model.NULL_CLASS + 1), guided_w
+        self.k, self.guided_w = torch.linspace(-0.5, 0.5, len(model.CLASSES) + 1), guided_w
         self.config = model.build_unet(32, "tiny").config
 
     def forward(self, x, t, class_labels):
         k = self.k[class_labels].view(-1, 1, 1, 1)
         if self.guided_w is not None:  # the guided eps written out by hand, for the conditional label only
-            k = self.k[model.NULL_CLASS] + self.guided_w * (k - self.k[model.NULL_CLASS])
+            k = self.k[len(model.CLASSES)] + self.guided_w * (k - self.k[len(model.CLASSES)])
         return UNet2DOutput(sample=0.1 * x + k)
 
 
@@ -156,7 +156,7 @@ class GaussianEps(torch.nn.Module):
     a = alpha_bar_t. A perfect denoiser: a sampler fed it must draw pixels with mean M and spread S."""
     M, S = 0.1, 0.3
     config = UNet2DModel(sample_size=16, block_out_channels=(8,), down_block_types=("DownBlock2D",),
-                         up_block_types=("UpBlock2D",), norm_num_groups=8, layers_per_block=1).config
+                         up_block_types=("UpBlock2D",), norm_num_groups=8, layers_per_block=1, num_class_embeds=7).config
     alpha_bar = model.make_schedule().alphas_cumprod
 
     def forward(self, x, t, class_labels):

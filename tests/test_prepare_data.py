@@ -78,8 +78,10 @@ def test_label_normalisation_and_unknown_finding():
 
 def test_filter_keeps_only_single_selected_labels(tmp_path):
     df = prepare_data.read_labels(write_labels(tmp_path / "l.csv", ROWS))
-    meta = prepare_data.select_classes(df, prepare_data.parse_findings(df["labels"]))
-    got = dict(zip(meta["image_index"], zip(meta["label"], meta["class_id"])))
+    _, labels = prepare_data.parse_classes(",".join(prepare_data.CLASSES))
+    column_class = [labels.get(prepare_data.norm(f), -1) for f in prepare_data.FINDINGS]
+    meta = prepare_data.select_classes(df, prepare_data.parse_findings(df["labels"]), column_class)
+    got = dict(zip(meta["image_index"], zip(meta["labels"], meta["class_id"])))
     assert got == {"00000001_000.png": ("Cardiomegaly", 2), "00000002_000.png": ("No Finding", 0),
                    "00000003_000.png": ("Effusion", 3), "00000004_000.png": ("Pneumonia", 4),
                    "00000005_000.png": ("Pneumothorax", 5), "00000006_000.png": ("Atelectasis", 1),
@@ -285,7 +287,7 @@ def test_split_csvs_concatenate_with_synthetic_and_load(tmp_path):
                              "class_id": 3, "path": ["s0.png", "s1.png"], "synthetic": 1, "sampler": "ddim"})
     aug = pd.concat([real, manifest], ignore_index=True)  # sample.py's manifest: train.csv's columns + synthetic=1
     assert aug["synthetic"].notna().all() and aug["synthetic"].tolist() == [0] * len(real) + [1, 1]
-    assert train.read_split(str(tmp_path / "o"), "train")["cache_row"].tolist() == real["cache_row"].tolist()
+    assert train.read_split(str(tmp_path / "o"), "train", prepare_data.CLASSES)["cache_row"].tolist() == real["cache_row"].tolist()
     x, y, _ = evaluate.load_split(str(tmp_path / "o"), "train", 32)
     assert x.shape == (len(real), 32, 32) and y.tolist() == real["class_id"].tolist()
 

@@ -142,13 +142,19 @@ def test_unet_calls_per_image(ckpt, tmp_path, monkeypatch, sampler, guidance):
 
 
 def test_parse_classes():
-    assert sample.parse_classes(["no_finding", "PNEUMOTHORAX", "3", "effusion", "No Finding"]) == [0, 5, 3]
-    assert sample.parse_classes(["ALL"]) == list(range(len(model.CLASSES)))
+    names = model.CLASSES
+    assert sample.parse_classes(["no_finding", "PNEUMOTHORAX", "3", "effusion", "No Finding"], names) == [0, 5, 3]
+    assert sample.parse_classes(["ALL"], names) == list(range(len(model.CLASSES)))
+    mine = ["Normal", "Bacterial pneumonia", "Viral pneumonia"]  # a checkpoint's own classes, not NIH's
+    assert sample.parse_classes(["viral_pneumonia", "0"], mine) == [2, 0]
+    with pytest.raises(SystemExit, match="'Effusion': not a class of run/x; choose from Normal, Bacterial pneumonia, "
+                                         "Viral pneumonia, a class_id 0-2, or all"):
+        sample.parse_classes(["Effusion"], mine, "run/x")
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--class", "Efusion"], "--class 'Efusion': unknown class; choose from No Finding, Atelectasis, Cardiomegaly"),
-    (["--class", "9"], "--class '9': unknown class"),
+    (["--class", "Efusion"], "--class 'Efusion': not a class of"),
+    (["--class", "9"], "--class '9': not a class of"),
     (["--class", "3", "--n", "0"], "--n 0"),
     (["--class", "3", "--sampler", "euler"], "unknown sampler 'euler'"),
     (["--class", "3", "--steps", "0"], "--steps 0"),

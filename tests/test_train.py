@@ -129,9 +129,9 @@ def test_label_dropout_rate():
     y = torch.zeros(200_000, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
     for p in (0.0, 0.1, 0.5, 1.0):
-        out = train.drop_labels(y, p, g)
-        assert set(out.unique().tolist()) <= {0, model.NULL_CLASS}
-        assert (out == model.NULL_CLASS).float().mean().item() == pytest.approx(p, abs=0.005)
+        out = train.drop_labels(y, p, g, len(model.CLASSES))
+        assert set(out.unique().tolist()) <= {0, len(model.CLASSES)}
+        assert (out == len(model.CLASSES)).float().mean().item() == pytest.approx(p, abs=0.005)
 
 
 @pytest.mark.parametrize("balance, shares", [("none", [64, 16, 4]), ("sqrt", [8, 4, 2]), ("inverse", [1, 1, 1])])
