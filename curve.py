@@ -32,7 +32,8 @@ import sample
 import train
 from model import HelpFormatter, classes_of, replace_file
 
-FIDELITY_TARGET, REALISM_TARGET, GRAIN_TARGET = 0.9, 3.0, 1.1  # >= 0.9 x real; FD <= 3 x the floor; grain +10%
+FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # >= 0.9 x real; FD <= 3 x the floor
+GRAINY_REAL = 100 - evaluate.GRAINY_Q  # % of real films that evaluate.py calls grainy: where a generator's line belongs
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
@@ -64,11 +65,12 @@ def score(args):
                "grain_ratio": R["summary"]["grain"]["synthetic"]["mean"],
                "grain_ratio_worst": max(P[c]["grain"]["synthetic"]["mean"] for c in classes),
                "gradient_ratio_worst": max(P[c]["gradient"]["synthetic"]["mean"] for c in classes),
+               "grainy_pct_worst": 100 * max(P[c]["grainy"]["synthetic"]["mean"] for c in classes),
                **{f"fidelity {c}": P[c]["fidelity"] for c in classes}, **{f"fd_ratio {c}": P[c]["fd_ratio"] for c in classes}}
         pd.DataFrame([row]).to_csv(csv, mode="a", header=not os.path.exists(csv), index=False)
         print(f"curve.py: {row['snapshot']}: {row['minutes']:.1f} min, worst fidelity/real "
               f"{row['fidelity_over_real_worst']:.3f}, FD ratio {row['fd_ratio']:.2f}, worst grain ratio "
-              f"{row['grain_ratio_worst']:.2f} -> {csv}")
+              f"{row['grain_ratio_worst']:.2f}, grainy films {row['grainy_pct_worst']:.0f}% -> {csv}")
 
 
 def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
@@ -118,16 +120,17 @@ def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
 
 
 def plot(csvs, labels, out):
-    """Label fidelity over real (linear), FD ratio (log) and grain ratio (worst class; linear) against training
-    minutes, one line per run. A csv from before the grain ratio draws no grain line."""
+    """Label fidelity over real (linear), FD ratio (log) and the share of grainy films (worst class; linear) against
+    training minutes, one line per run. A csv from before the grainy share draws no line there."""
     runs = [pd.read_csv(c).sort_values("minutes") for c in csvs]
-    runs = [r.assign(grain_ratio_worst=r.get("grain_ratio_worst", np.nan)) for r in runs]
-    grain_hi = max(2.0, np.nanmax([r["grain_ratio_worst"].max() for r in runs] + [0]) * 1.05)
+    runs = [r.assign(grainy_pct_worst=r.get("grainy_pct_worst", np.nan)) for r in runs]
+    grainy_hi = max(4 * GRAINY_REAL, np.nanmax([r["grainy_pct_worst"].max() for r in runs] + [0]) * 1.05)
     chart([(lab, r["minutes"], r, None) for lab, r in zip(labels, runs)],
           [("label fidelity / real (worst class)", "fidelity_over_real_worst", 0.0, 1.1, False, FIDELITY_TARGET),
            ("realism: FD / real floor (mean over classes, log)", "fd_ratio", 0.7,
             max(50.0, max(r["fd_ratio"].max() for r in runs)), True, REALISM_TARGET),
-           ("texture: grain / real (worst class)", "grain_ratio_worst", 0.6, grain_hi, False, GRAIN_TARGET)],
+           (f"grainy films % (worst class; real: {GRAINY_REAL})", "grainy_pct_worst", 0, grainy_hi, False,
+            GRAINY_REAL)],
           "training minutes", out)
 
 # -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: co
 MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of real test-to-train distances
 CHUNK = 4096  # images per chunk when resizing or reducing a whole split: memory stays flat at NIH scale
 GRAIN_X = 1.5  # noise-like: more grain than GRAIN_X times the grainiest real film of the pool
+GRAINY_Q = 95  # grainy: more grain than this percentile of real films (5% of real films are; the mean hides a tail)
 
 
 def die(msg):
@@ -233,29 +234,33 @@ def matched_realism(f_s, f_real, t_s, t_real, groups, repeats, max_n, rng):
     learn from; a patient's films stay on one side: groups (N_real,) are patient codes) and synthetic S, n films each,
     n = min(synthetic, real / 2, max_n): S vs B is what the generator scores, A vs B what a perfect one would (the
     floor). t: (N, 2) texture() of each film; its means take every synthetic film, resampled with replacement, so
-    that the interval holds their sampling too. -> (repeats, 8): FD(S, B), FD(A, B), KID(S, B), KID(A, B), then for
-    grain and gradient in turn: mean(synthetic) / mean(B), mean(A) / mean(B)"""
+    that the interval holds their sampling too. -> (repeats, 10): FD(S, B), FD(A, B), KID(S, B), KID(A, B), then for
+    grain and gradient in turn: mean(synthetic) / mean(B), mean(A) / mean(B); then the share of synthetic films and
+    of A grainier than GRAINY_Q% of B (a few grainy films among smooth ones leave the mean at 1, not this)"""
     n = min(len(f_s), len(f_real) // 2, max_n)
     if n < 2:
-        return np.full((repeats, 8), np.nan)
+        return np.full((repeats, 10), np.nan)
     draws = []
     for _ in range(repeats):
         order = np.lexsort((rng.random(len(groups)), rng.permutation(groups.max() + 1)[groups]))  # patients shuffled
         a, b, s = order[:n], order[n:2 * n], rng.choice(len(f_s), n, replace=False)
-        boot = t_s[rng.integers(0, len(t_s), len(t_s))].mean(0)  # (2,)
-        ratios = [[boot[j] / t_real[b, j].mean(), t_real[a, j].mean() / t_real[b, j].mean()] for j in (0, 1)]
+        boot = t_s[rng.integers(0, len(t_s), len(t_s))]  # (N_s, 2)
+        ratios = [[boot[:, j].mean() / t_real[b, j].mean(), t_real[a, j].mean() / t_real[b, j].mean()] for j in (0, 1)]
+        grainy = np.percentile(t_real[b, 0], GRAINY_Q)
         draws.append([frechet_distance(f_s[s], f_real[b]), frechet_distance(f_real[a], f_real[b]),
-                      kid(f_s[s], f_real[b]), kid(f_real[a], f_real[b]), *ratios[0], *ratios[1]])
+                      kid(f_s[s], f_real[b]), kid(f_real[a], f_real[b]), *ratios[0], *ratios[1],
+                      (boot[:, 0] > grainy).mean(), (t_real[a, 0] > grainy).mean()])
     return np.array(draws)
 
 
 def realism(d):
-    """d: (repeats, 8) from matched_realism -> the FD ratio; FD, KID, grain and gradient ratios, synthetic and floor:
+    """d: (repeats, 10) from matched_realism -> the FD ratio; FD, KID, grain and gradient ratios, grainy share,
+    synthetic and floor:
     mean [95% of redraws]. The floor's interval is the range real films take against real films at this n."""
     ci = lambda v: dict(zip(("mean", "lo", "hi"), (v.mean(), *np.percentile(v, [2.5, 97.5]))))  # nan stays nan
     pair = lambda j: {"synthetic": ci(d[:, j]), "floor": ci(d[:, j + 1])}
     return {"fd_ratio": d[:, 0].mean() / d[:, 1].mean(), "fd": pair(0), "kid": pair(2), "grain": pair(4),
-            "gradient": pair(6)}
+            "gradient": pair(6), "grainy": pair(8)}
 
 
 def diversity(f, max_n, rng):
@@ -505,7 +510,8 @@ def main(argv=None):
     row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_real']}" + (f" ({d['n_drawn']})" if "n_drawn" in d
                                                                              else ""),
                            f"{num(d['fidelity'])} / {num(d['accuracy'])}", f"**{num(d['fd_ratio'], 2)}**",
-                           pair(d["grain"]), ci(d["gradient"]["synthetic"]), pair(d["fd"]), pair(d["kid"], 1e3, 1),
+                           pair(d["grain"]), pair(d["grainy"], 100, 0), ci(d["gradient"]["synthetic"]), pair(d["fd"]),
+                           pair(d["kid"], 1e3, 1),
                            f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
                            d["memorized"]]
     md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
@@ -514,7 +520,8 @@ def main(argv=None):
           f"{num(R['classifier']['macro_auc'])}); the real pool, what every figure below compares with, holds the "
           f"{n['n_pool']} others: the rest of train, val and test.\n",
           table(["class", "synthetic / real pool (n drawn)", "label fidelity: synthetic / real", "realism: FD ratio",
-                 "texture: grain ratio [95%]: synthetic / floor", "gradient ratio [95%]", "FD [95%]: synthetic / floor",
+                 "texture: grain ratio [95%]: synthetic / floor", "grainy films % [95%]: synthetic / floor",
+                 "gradient ratio [95%]", "FD [95%]: synthetic / floor",
                  "KID x1000 [95%]: synthetic / floor",
                  "diversity / real (features, pixels)", "noise-like", "memorized"],
                 [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]) + "\nHow to read it:",
@@ -523,7 +530,9 @@ def main(argv=None):
           f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
           "- **texture**, what the classifier's features barely see: grain (Immerkaer's noise estimate in the flattest "
           "quarter of each film, gray levels) and mean |gradient| of synthetic films over real ones; 1 = as real; the "
-          "floor's interval is the range real films take against real films at this n: its calibrated range.",
+          "floor's interval is the range real films take against real films at this n: its calibrated range. **Grainy "
+          f"films**: the share grainier than {GRAINY_Q}% of real films ({100 - GRAINY_Q}% of real films are): the grain a "
+          "reader sees in a few films, which a mean over smooth and grainy films hides.",
           "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
           "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
           f"- **noise-like**: grainier than {GRAIN_X:g}x the grainiest real film: noise, not a film. Should be 0.",

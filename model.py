@@ -14,6 +14,7 @@ import shutil
 import time
 import zipfile
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
@@ -125,29 +126,46 @@ SAMPLERS = {  # "trailing" spacing: the first step starts at t=999, pure noise, 
                                                                  thresholding=True, sample_max_value=1.0),
 }
 DEFAULT_STEPS = {"ddim-2m": 25, "ddpm": 1000, "ddim": 50, "dpm++": 25}
-TAIL = (24, 10, 3)  # ddim-2m's last steps; above them even steps in t, as ddim's "trailing" ones (docs/results.md)
+RHO, T_MIN = 7.0, 2  # ddim-2m's steps: noise levels spaced as Karras et al. (2022), from t=999 down to T_MIN
+CHURN = (100, 600)  # ddim-2m with eta > 0 adds fresh noise only at these t, where the grain of a few films forms
+
+
+def karras_timesteps(steps, alpha_bar):
+    """(steps,) distinct t from 999 to T_MIN whose noise levels sigma = sqrt((1 - a) / a) are evenly spaced in
+    sigma^(1/RHO). Against even steps it spends fewer of them at t 100-600, where a small model's estimates of the
+    film are grainy, and its films come out less grainy (measured: docs/results.md)."""
+    sigma = ((1 - alpha_bar.double()) / alpha_bar.double()).sqrt().numpy()  # (1000,), rising with t
+    hi, lo = sigma[-1] ** (1 / RHO), sigma[T_MIN] ** (1 / RHO)
+    target = (hi + np.linspace(0, 1, steps) * (lo - hi)) ** RHO  # (steps,) high noise first
+    t = np.interp(np.log(target), np.log(sigma), np.arange(NUM_TIMESTEPS)).round().astype(np.int64)
+    t[0], t[-1] = NUM_TIMESTEPS - 1, T_MIN if steps > 1 else NUM_TIMESTEPS - 1
+    for i in range(steps - 2, 0, -1):  # where rounding made two steps one, move the higher up by one
+        t[i] = max(t[i], t[i + 1] + 1)
+    for i in range(1, steps):  # ... and back under t=999 from the top
+        t[i] = min(t[i], t[i - 1] - 1)
+    return torch.from_numpy(t)
 
 
 def make_sampler(name, steps, schedule=None):
     """-> (diffusers scheduler, None for ddim-2m; timesteps (steps,) long, high noise first)"""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-    most = NUM_TIMESTEPS - 2 * TAIL[0] + len(TAIL) if SAMPLERS[name] is None else NUM_TIMESTEPS  # ddim-2m: 955
+    most = NUM_TIMESTEPS - T_MIN if SAMPLERS[name] is None else NUM_TIMESTEPS  # ddim-2m: 998
     if not 1 <= steps <= most:
         raise ValueError(f"--steps {steps}: {name} takes between 1 and {most}")
-    if SAMPLERS[name] is None:  # even steps from t=999 down to 48, then the tail, where fine detail forms
-        tail = TAIL[len(TAIL) - min(len(TAIL), steps - 1):]  # 1 step: no tail
-        head = torch.linspace(NUM_TIMESTEPS - 1, 2 * TAIL[0], steps - len(tail), dtype=torch.float64).round().long()
-        return None, torch.cat([head, torch.tensor(tail, dtype=torch.long)])
-    scheduler = SAMPLERS[name]({**(schedule or make_schedule()).config, "prediction_type": "epsilon"})  # fed eps
+    schedule = schedule or make_schedule()
+    if SAMPLERS[name] is None:
+        return None, karras_timesteps(steps, schedule.alphas_cumprod)
+    scheduler = SAMPLERS[name]({**schedule.config, "prediction_type": "epsilon"})  # fed eps
     scheduler.set_timesteps(steps)
     return scheduler, scheduler.timesteps
 
 
 @torch.no_grad()
-def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=None, schedule=None):
+def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=None, schedule=None, eta=0.0):
     """One image per label (B,) -> (B, 1, H, W) float32 in [-1, 1]. generators: one CPU torch.Generator per image, so
-    image i depends on its own seed alone; schedule: the model's training schedule (schedule_of(ckpt))."""
+    image i depends on its own seed alone; schedule: the model's training schedule (schedule_of(ckpt)); eta: ddim-2m
+    only, the share of DDIM's stochastic noise (Song et al. 2021; 1 = as much as ddpm) added at t in CHURN."""
     device, size, schedule = labels.device, model.config.sample_size, schedule or make_schedule()
     scheduler, timesteps = make_sampler(sampler, steps, schedule)
     generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]
@@ -173,7 +191,11 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
         s = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1  # -1: the clean image, alpha_bar = 1
         a_t, a_s = alpha_bar[t], (alpha_bar[s] if s >= 0 else 1.0)
         x0 = ((xt - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
-        x_s = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+        # eta > 0: part of the noise in x_s is fresh, not the model's eps; it washes out the model's errors at mid t
+        sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if CHURN[0] <= t <= CHURN[1] and s >= 0 else 0
+        x_s = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s - sigma ** 2) * eps
+        if sigma > 0:
+            x_s = x_s + sigma * torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)
         if x0_prev is not None and s >= 0:  # the last step, to the clean image, stays first order
             h, h_prev = lam(s) - lam(t), lam(t) - lam(t_prev)
             x_s = x_s + math.sqrt(a_s) * (1 - math.exp(-h)) * h / (2 * h_prev) * (x0 - x0_prev)

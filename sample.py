@@ -85,6 +85,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="denoising steps = UNet calls per image "
                    "(default: " + ", ".join(f"{n} for {s}" for s, n in model.DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale; 1 = no guidance")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim-2m: fresh noise at mid t, 0 to 1; 1 with --steps 50 "
+                   "draws fewer grainy films at some cost in realism (docs/results.md)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     # ---- hardware ----
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (speed, memory)")
@@ -109,6 +111,8 @@ def main(argv=None):
         die(f"--batch-size {args.batch_size}: must be at least 1")
     if not 1 <= args.guidance < math.inf:
         die(f"--guidance {args.guidance}: must be a number >= 1 (1 = no guidance)")
+    if not 0 <= args.eta <= 1 or (args.eta and sampler != "ddim-2m"):
+        die(f"--eta {args.eta}: ddim-2m takes an eta from 0 to 1; other samplers none")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.set_threads(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -146,7 +150,7 @@ def main(argv=None):
             f"pass --overwrite or choose another --out")
 
     # sample: jobs from all classes are packed into full batches; each image's noise is its own
-    settings = dict(sampler=sampler, steps=steps, guidance=args.guidance, seed=args.seed,
+    settings = dict(sampler=sampler, steps=steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
                     checkpoint_sha256=sha.hexdigest())
     text = {**SYNTHETIC, **settings, "weights": "model" if args.no_ema else "ema", "amp": amp.replace("off", "fp32")}
     jobs = [(c, i) for c in classes for i in range(args.n)]
@@ -158,7 +162,7 @@ def main(argv=None):
         # seeded by (seed, class, index) alone, so its batch never matters; with i < MAX_N, < 10 classes: all distinct
         generators = [torch.Generator().manual_seed(args.seed * 1_000_003 + c * 100_003 + i) for c, i in batch]
         with torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off"):
-            x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule)  # (B, 1, H, W)
+            x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule, args.eta)  # (B,1,H,W)
         pixels = ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()[:, 0]  # (B, H, W)
         for (c, i), im in zip(batch, pixels):
             name, label = f"{slug(names[c])}_s{args.seed}_{i:05d}.png", names[c]

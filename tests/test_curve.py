@@ -27,7 +27,7 @@ def test_scores_each_snapshot_once_and_plots_runs_side_by_side(tmp_path, fast_ev
     rows = pd.read_csv(run / "curve.csv")
     assert rows["step"].tolist() == [2, 4] and (rows["minutes"].diff().dropna() > 0).all()
     assert {"fidelity No Finding", "fidelity Pneumonia", "fd_ratio", "fd_ratio_worst", "kid", "grain_ratio",
-            "gradient_ratio_worst"} <= set(rows.columns)
+            "gradient_ratio_worst", "grainy_pct_worst"} <= set(rows.columns)
     assert rows["fidelity_over_real_worst"].between(0, 10).all() and (rows["fd_ratio"] > 0).all()
     assert (rows["grain_ratio_worst"] >= rows["grain_ratio"]).all() and (rows["grain_ratio"] > 0).all()
     curve.main(score)  # snapshots already scored are skipped
@@ -35,10 +35,11 @@ def test_scores_each_snapshot_once_and_plots_runs_side_by_side(tmp_path, fast_ev
     curve.main(score[:4] + ["--seconds-per-step", "30", "--n", "4", "--steps", "3"])  # nothing new: still 2 rows
     assert len(pd.read_csv(run / "curve.csv")) == 2
 
-    png, old = tmp_path / "figs" / "curve.png", tmp_path / "old.csv"  # a csv from before the grain ratio still draws
-    rows.drop(columns=["grain_ratio", "grain_ratio_worst", "gradient_ratio_worst"]).to_csv(old, index=False)
+    png, old = tmp_path / "figs" / "curve.png", tmp_path / "old.csv"  # a csv from before the grainy share still draws
+    rows.drop(columns=["grain_ratio", "grain_ratio_worst", "gradient_ratio_worst", "grainy_pct_worst"]).to_csv(
+        old, index=False)
     curve.main(["--plot", str(run / "curve.csv"), str(old), "--labels", "a", "b", "--out", str(png)])
-    assert Image.open(png).size == (3 * 560, 300 + 40)  # fidelity, FD ratio, grain ratio
+    assert Image.open(png).size == (3 * 560, 300 + 40)  # fidelity, FD ratio, grainy films
 
 
 def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path, fast_evaluate):

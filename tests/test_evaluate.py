@@ -120,13 +120,19 @@ def test_realism_is_size_matched_and_reads_one_for_real_images():
     for n_synth in (15, 400):  # far fewer or far more "synthetic" images than real ones: the ratios stay ~1
         d = evaluate.matched_realism(rng.normal(0, 1, (n_synth, 6)), real, rng.gamma(20, 0.2, (n_synth, 2)), t_real,
                                      patient, 200, 1000, rng)
-        assert d.shape == (200, 8) and d[:, 0].mean() / d[:, 1].mean() == pytest.approx(1, abs=0.4)  # n 15: noisy
+        assert d.shape == (200, 10) and d[:, 0].mean() / d[:, 1].mean() == pytest.approx(1, abs=0.4)  # n 15: noisy
         assert d[:, [4, 5, 6, 7]].mean(0) == pytest.approx(1, abs=0.15)  # grain, gradient: synthetic and floor
+        assert d[:, [8, 9]].mean(0) == pytest.approx(1 - evaluate.GRAINY_Q / 100, abs=0.05)  # grainy films: as real
     d = evaluate.matched_realism(rng.normal(1, 1, (400, 6)), real, 1.3 * rng.gamma(20, 0.2, (400, 2)), t_real,
                                  patient, 200, 1000, rng)
     assert d[:, 0].mean() > 3 * d[:, 1].mean()  # a shifted distribution is far above its floor
     assert d[:, 4].mean() == pytest.approx(1.3, abs=0.15) and d[:, 4].mean() > np.percentile(d[:, 5], 97.5)  # grain
     assert np.isnan(evaluate.matched_realism(real[:1], real, t_real[:1], t_real, patient, 5, 1000, rng)).all()
+    # a quarter of the films grainy and the rest smoother than real: the mean grain reads real, the grainy share not
+    t_s = rng.gamma(20, 0.2, (400, 2)) * np.where(np.arange(400) % 4 == 0, 1.5, 0.85)[:, None]
+    real, t_real, patient = rng.normal(0, 1, (400, 6)), rng.gamma(20, 0.2, (400, 2)), np.arange(400) // 2
+    d = evaluate.matched_realism(rng.normal(0, 1, (400, 6)), real, t_s, t_real, patient, 200, 1000, rng)
+    assert d[:, 4].mean() == pytest.approx(1, abs=0.05) and d[:, 8].mean() > np.percentile(d[:, 9], 97.5)
 
 
 def test_diversity_catches_the_same_image_drawn_again():
@@ -199,6 +205,7 @@ def test_texture_flags_grain_added_to_real_films(tmp_path):
         assert real["grain"]["floor"]["lo"] <= 1 <= real["grain"]["floor"]["hi"], name
         assert grain["grain"]["synthetic"]["lo"] > grain["grain"]["floor"]["hi"], name
         assert grain["grain"]["synthetic"]["mean"] > 1.2, name
+        assert grain["grainy"]["synthetic"]["lo"] > real["grainy"]["synthetic"]["hi"], name  # most films now grainy
         assert grain["gradient"]["synthetic"]["mean"] > real["gradient"]["synthetic"]["mean"] + 0.05, name
     assert Rg["summary"]["grain"]["synthetic"]["lo"] > R["summary"]["grain"]["synthetic"]["hi"]
     assert "texture: grain ratio" in (tmp_path / "r" / "report.md").read_text()

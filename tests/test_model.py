@@ -124,15 +124,18 @@ def test_guidance_is_eps_null_plus_w_times_eps_cond_minus_eps_null(w):
     assert (guided - plain).abs().max() > 1e-3  # guidance changed the images
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
-def test_each_image_depends_only_on_its_own_generator(sampler):
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0), ("dpm++", 0), ("ddim-2m", 1)])
+def test_each_image_depends_only_on_its_own_generator(sampler, eta):
     torch.manual_seed(0)
     unet = model.build_unet(32, "tiny").eval()
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    both = model.sample(unet, torch.tensor([1, 3]), sampler, 10, guidance=2.0, generators=gens([11, 12]))
-    alone = model.sample(unet, torch.tensor([3]), sampler, 10, guidance=2.0, generators=gens([12]))
+    both = model.sample(unet, torch.tensor([1, 3]), sampler, 10, guidance=2.0, generators=gens([11, 12]), eta=eta)
+    alone = model.sample(unet, torch.tensor([3]), sampler, 10, guidance=2.0, generators=gens([12]), eta=eta)
     assert torch.allclose(both[1], alone[0], atol=1e-3)  # batch-dependent CPU conv blocking moves ~1e-5
     assert (both[0] - both[1]).abs().max() > 1e-3
+    if eta:  # the fresh noise changes the film
+        plain = model.sample(unet, torch.tensor([3]), sampler, 10, guidance=2.0, generators=gens([12]))
+        assert (plain - alone).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("sampler", list(model.SAMPLERS))
@@ -143,12 +146,15 @@ def test_every_sampler_starts_from_pure_noise_at_any_step_count(sampler):
         assert (timesteps[1:] < timesteps[:-1]).all()  # strictly from noise to clean
 
 
-def test_ddim_2m_steps_evenly_then_through_the_fine_tail():
-    t = model.make_sampler("ddim-2m", 25)[1].tolist()
-    assert t[-3:] == list(model.TAIL) and t[-4] == 2 * model.TAIL[0]  # ends 48, 24, 10, 3, then the clean image
-    gaps = [a - b for a, b in zip(t[:-3], t[1:-3])]
-    assert max(gaps) - min(gaps) <= 1  # even above the tail, as ddim's trailing steps (no crowding near t=999)
-    assert len(set(model.make_sampler("ddim-2m", 955)[1].tolist())) == 955  # the most distinct steps it has
+def test_ddim_2m_steps_are_spaced_in_noise_level_as_karras():
+    alpha_bar = model.make_schedule().alphas_cumprod.double()
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    for steps, rounding in ((10, 0.02), (25, 0.05), (50, 0.25)):  # t is an integer: the more steps, the coarser
+        t = model.make_sampler("ddim-2m", steps)[1]
+        assert t[0] == 999 and t[-1] == model.T_MIN  # from pure noise down to the last noisy step, then the film
+        root = sigma[t] ** (1 / model.RHO)  # evenly spaced in sigma^(1/rho)
+        assert (root.diff() / root.diff().mean() - 1).abs().max() < rounding
+    assert len(set(model.make_sampler("ddim-2m", 998)[1].tolist())) == 998  # the most distinct steps it has
 
 
 class GaussianEps(torch.nn.Module):
@@ -175,14 +181,15 @@ class GaussianV(GaussianEps):
         return UNet2DOutput(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
 
 
-@pytest.mark.parametrize("oracle, sampler, steps, lo", [
-    (GaussianEps, "ddim-2m", 25, 0.97), (GaussianEps, "ddim-2m", 10, 0.9), (GaussianEps, "ddim", 25, 0.8),
-    (GaussianEps, "dpm++", 25, 0.85), (GaussianEps, "ddpm", 1000, 0.97),
+@pytest.mark.parametrize("oracle, sampler, steps, lo, eta", [
+    (GaussianEps, "ddim-2m", 25, 0.97, 0), (GaussianEps, "ddim-2m", 10, 0.9, 0), (GaussianEps, "ddim", 25, 0.8, 0),
+    (GaussianEps, "dpm++", 25, 0.85, 0), (GaussianEps, "ddpm", 1000, 0.97, 0), (GaussianEps, "ddim-2m", 50, 0.97, 1),
     # v on the shifted schedule: the last even step of ddim starts noisier, so it blurs more (0.68 S at 25 steps)
-    (GaussianV, "ddim-2m", 25, 0.97), (GaussianV, "ddim-2m", 10, 0.9), (GaussianV, "ddim", 50, 0.8),
-    (GaussianV, "ddpm", 1000, 0.97)])
-def test_samplers_draw_the_mean_and_spread_of_a_known_gaussian(oracle, sampler, steps, lo):
-    x = model.sample(oracle(), torch.zeros(64, dtype=torch.long), sampler, steps, schedule=getattr(oracle, "schedule", None))
+    (GaussianV, "ddim-2m", 25, 0.97, 0), (GaussianV, "ddim-2m", 10, 0.9, 0), (GaussianV, "ddim", 50, 0.8, 0),
+    (GaussianV, "ddpm", 1000, 0.97, 0), (GaussianV, "ddim-2m", 50, 0.97, 1)])
+def test_samplers_draw_the_mean_and_spread_of_a_known_gaussian(oracle, sampler, steps, lo, eta):
+    x = model.sample(oracle(), torch.zeros(64, dtype=torch.long), sampler, steps, schedule=getattr(oracle, "schedule", None),
+                     eta=eta)  # eta: fresh noise at mid t, which a perfect denoiser takes out again
     assert x.mean().item() == pytest.approx(GaussianEps.M, abs=0.01)
     assert lo * GaussianEps.S < x.std().item() < 1.07 * GaussianEps.S  # blurred at worst, never much noisier than the data
     assert (x.abs() > 0.99).float().mean() < 0.005  # no saturation: the data itself has 0.16% of pixels past 0.99
@@ -196,8 +203,8 @@ def test_the_default_sampler_keeps_the_spread_that_ddim_loses_at_the_same_calls(
 
 
 def test_bad_sampler_or_steps_are_clear_errors():
-    with pytest.raises(ValueError, match="ddim-2m takes between 1 and 955"):
-        model.make_sampler("ddim-2m", 956)
+    with pytest.raises(ValueError, match="ddim-2m takes between 1 and 998"):
+        model.make_sampler("ddim-2m", 999)
     with pytest.raises(ValueError, match="unknown sampler"):
         model.make_sampler("euler-ish", 10)
     with pytest.raises(ValueError, match="steps"):

@@ -13,7 +13,7 @@ import model
 import sample
 
 CONTRACT = ["image_index", "patient_id", "label", "class_id", "path", "synthetic",
-            "sampler", "steps", "guidance", "seed", "checkpoint_sha256"]
+            "sampler", "steps", "guidance", "eta", "seed", "checkpoint_sha256"]
 
 
 
@@ -65,7 +65,7 @@ def test_pngs_metadata_and_manifest(ckpt, tmp_path):
     assert m["patient_id"].isna().all() and (m["synthetic"] == 1).all()
     assert (m["label"].map(model.CLASSES.index) == m["class_id"]).all()
     assert set(m["sampler"]) == {model.DEFAULT_SAMPLER} and set(m["steps"]) == {3} and set(m["seed"]) == {7}
-    assert set(m["guidance"]) == {model.DEFAULT_GUIDANCE} and set(m["checkpoint_sha256"]) == {sha}
+    assert set(m["guidance"]) == {model.DEFAULT_GUIDANCE} and set(m["checkpoint_sha256"]) == {sha} and set(m["eta"]) == {0}
     train = pd.DataFrame(dict(image_index=["00000001_000.png"], patient_id=[1], label=["Effusion"], class_id=[3],
                               path=["/data/images/00000001_000.png"], cache_row=[0]))
     aug = pd.concat([train, m], ignore_index=True)
@@ -77,11 +77,14 @@ def gray(path):
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-@pytest.mark.parametrize("sampler", ["ddim-2m", "ddpm"])  # ddpm also draws fresh noise at every step
+@pytest.mark.parametrize("sampler", ["ddim-2m", "ddpm", "ddim-2m --eta 1"])  # ddpm and eta draw fresh noise too
 def test_images_reproducible_and_independent_of_batch(ckpt, tmp_path, sampler):
-    alone = run(ckpt, tmp_path / "a", "--class", "Effusion", "--n", "4", "--batch-size", "1", "--sampler", sampler)
-    again = run(ckpt, tmp_path / "b", "--class", "Effusion", "--n", "4", "--batch-size", "1", "--sampler", sampler)
-    mixed = run(ckpt, tmp_path / "c", "--class", "all", "--n", "4", "--batch-size", "5", "--sampler", sampler)
+    sampler, *eta = sampler.split(" ", 1)
+    eta = eta[0].split() if eta else []
+    alone = run(ckpt, tmp_path / "a", "--class", "Effusion", "--n", "4", "--batch-size", "1", "--sampler", sampler, *eta)
+    again = run(ckpt, tmp_path / "b", "--class", "Effusion", "--n", "4", "--batch-size", "1", "--sampler", sampler, *eta)
+    mixed = run(ckpt, tmp_path / "c", "--class", "all", "--n", "4", "--batch-size", "5", "--sampler", sampler, *eta)
+    assert set(mixed["eta"]) == {float(eta[1]) if eta else 0.0}  # the manifest says how they were drawn
     assert list(alone["image_index"]) == list(again["image_index"])
     assert set(alone["image_index"]) < set(mixed["image_index"])
     for name in alone["image_index"]:
@@ -91,7 +94,7 @@ def test_images_reproducible_and_independent_of_batch(ckpt, tmp_path, sampler):
         diff = np.abs(gray(tmp_path / "a" / name) - gray(tmp_path / "c" / name))
         assert diff.max() <= 1 and (diff > 0).mean() <= 0.005, name
     assert len({(tmp_path / "a" / n).read_bytes() for n in alone["image_index"]}) == 4
-    other_seed = run(ckpt, tmp_path / "d", "--class", "Effusion", "--n", "1", "--seed", "1", "--sampler", sampler)
+    other_seed = run(ckpt, tmp_path / "d", "--class", "Effusion", "--n", "1", "--seed", "1", "--sampler", sampler, *eta)
     assert np.abs(gray(other_seed["path"][0]) - gray(tmp_path / "a" / "effusion_s0_00000.png")).mean() > 5
 
 
@@ -161,6 +164,8 @@ def test_parse_classes():
     (["--class", "3", "--steps", "5000"], "--steps 5000"),
     (["--class", "3", "--guidance", "0.5"], "--guidance 0.5"),
     (["--class", "3", "--batch-size", "0"], "--batch-size 0"),
+    (["--class", "3", "--eta", "1.5"], "--eta 1.5: ddim-2m takes an eta from 0 to 1"),
+    (["--class", "3", "--sampler", "ddim", "--eta", "0.5"], "--eta 0.5: ddim-2m takes"),
 ])
 def test_bad_flags_fail_before_any_work(ckpt, tmp_path, argv, says):
     with pytest.raises(SystemExit) as e:
