@@ -75,7 +75,7 @@ def score(args):
 
 def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
     """Panels side by side, drawn with PIL. lines: (label, x, {column: y}, {column: (lo, hi)}); panels: (title,
-    column, y low, y high, log y, target or None). x is minutes from 0, or k on a log scale (log_x)."""
+    column, y low, y high, log y, target or (value, its name) or None). x is minutes from 0, or k on a log scale."""
     xs = np.concatenate([np.asarray(x, float) for _, x, _, _ in lines])
     xlo, xhi = (xs.min() / 1.3, xs.max() * 1.3) if log_x else (0, xs.max() * 1.05)
     fx = np.log if log_x else (lambda v: v)
@@ -88,7 +88,7 @@ def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
         Y = lambda v: y1 - (y1 - y0) * (f(np.clip(v, lo, hi)) - f(lo)) / (f(hi) - f(lo))
         draw.rectangle([x0, y0, x1, y1], outline="black")
         draw.text((x0, 5), title, fill="black")
-        step = 0.2 if hi - lo > 0.5 else 0.05
+        step = next(v for v in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 1e9) if (hi - lo) / v <= 8)  # <= 9 ticks
         yticks = ([v for v in (0.7, 1, 2, 3, 5, 10, 20, 50, 100) if lo <= v <= hi] if log
                   else np.arange(np.ceil(lo / step - 1e-9) * step, hi + 1e-9, step))
         for v in yticks:
@@ -100,8 +100,9 @@ def chart(lines, panels, xlabel, out, log_x=False, W=560, H=300, pad=60):
             draw.text((X(m) - 8, y1 + 6), f"{m:.0f}", fill="black")
         draw.text(((x0 + x1) // 2 - 60, y1 + 20), xlabel, fill="black")
         if target is not None:
+            target, name = target if isinstance(target, tuple) else (target, "target")
             draw.line([x0, Y(target), x1, Y(target)], fill=(150, 150, 150), width=1)
-            draw.text((x1 - 45, Y(target) - 14), "target", fill=(120, 120, 120))
+            draw.text((x1 - 6 * len(name) - 9, Y(target) - 14), name, fill=(120, 120, 120))
         for i, (label, x, ys, bars) in enumerate(lines):
             color = COLORS[i % len(COLORS)]
             ok = [n for n, v in enumerate(ys[col]) if np.isfinite(v)]  # a figure that could not be computed: no point
@@ -129,8 +130,7 @@ def plot(csvs, labels, out):
           [("label fidelity / real (worst class)", "fidelity_over_real_worst", 0.0, 1.1, False, FIDELITY_TARGET),
            ("realism: FD / real floor (mean over classes, log)", "fd_ratio", 0.7,
             max(50.0, max(r["fd_ratio"].max() for r in runs)), True, REALISM_TARGET),
-           (f"grainy films % (worst class; real: {GRAINY_REAL})", "grainy_pct_worst", 0, grainy_hi, False,
-            GRAINY_REAL)],
+           ("grainy films % (worst class)", "grainy_pct_worst", 0, grainy_hi, False, (GRAINY_REAL, "real films"))],
           "training minutes", out)
 
 # -----------------------------------------------------------------------------
