@@ -83,7 +83,7 @@ def bench_train(args, device, batch, level, dtype, flops, peak):
     def step():  # train.py's step: noise, label dropout, weighted MSE, backward, clip, AdamW, EMA
         t = torch.randint(0, model.NUM_TIMESTEPS, (batch,), device=device)
         eps = torch.randn_like(x0)
-        y_in = y.masked_fill(torch.rand(batch, device=device) < 0.1, len(model.CLASSES))  # as train.drop_labels
+        y_in = y.masked_fill(torch.rand(batch, device=device) < 0.1, model.null_label(unet))  # as train.drop_labels
         with amp:
             pred = fwd(model.add_noise(x0, eps, t, alpha_bar), t, class_labels=y_in).sample.float()
         loss = (weight[t] * (pred - model.target(x0, eps, t, alpha_bar)).pow(2).mean((1, 2, 3))).mean()

@@ -33,7 +33,7 @@ import train
 from model import HelpFormatter, classes_of, replace_file
 
 FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # >= 0.9 x real; FD <= 3 x the floor
-GRAINY_REAL = 100 - evaluate.GRAINY_Q  # % of real films that evaluate.py calls grainy: where a generator's line belongs
+GRAINY_REAL = 100 - evaluate.GRAINY_Q  # % of real films evaluate.py calls grainy: where a generator's line belongs
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 

@@ -254,9 +254,9 @@ def matched_realism(f_s, f_real, t_s, t_real, groups, repeats, max_n, rng):
 
 
 def realism(d):
-    """d: (repeats, 10) from matched_realism -> the FD ratio; FD, KID, grain and gradient ratios, grainy share,
-    synthetic and floor:
-    mean [95% of redraws]. The floor's interval is the range real films take against real films at this n."""
+    """d: (repeats, 10) from matched_realism -> the FD ratio; FD, KID, grain and gradient ratios and the grainy share,
+    synthetic and floor: mean [95% of redraws]. The floor's interval is the range real films take against real
+    films at this n."""
     ci = lambda v: dict(zip(("mean", "lo", "hi"), (v.mean(), *np.percentile(v, [2.5, 97.5]))))  # nan stays nan
     pair = lambda j: {"synthetic": ci(d[:, j]), "floor": ci(d[:, j + 1])}
     return {"fd_ratio": d[:, 0].mean() / d[:, 1].mean(), "fd": pair(0), "kid": pair(2), "grain": pair(4),
@@ -531,8 +531,8 @@ def main(argv=None):
           "- **texture**, what the classifier's features barely see: grain (Immerkaer's noise estimate in the flattest "
           "quarter of each film, gray levels) and mean |gradient| of synthetic films over real ones; 1 = as real; the "
           "floor's interval is the range real films take against real films at this n: its calibrated range. **Grainy "
-          f"films**: the share grainier than {GRAINY_Q}% of real films ({100 - GRAINY_Q}% of real films are): the grain a "
-          "reader sees in a few films, which a mean over smooth and grainy films hides.",
+          f"films**: the share grainier than {GRAINY_Q}% of real films ({100 - GRAINY_Q}% of real films are): the "
+          "grain a reader sees in a few films, which a mean over smooth and grainy films hides.",
           "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
           "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
           f"- **noise-like**: grainier than {GRAIN_X:g}x the grainiest real film: noise, not a film. Should be 0.",

@@ -169,7 +169,8 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
     device, size, schedule = labels.device, model.config.sample_size, schedule or make_schedule()
     scheduler, timesteps = make_sampler(sampler, steps, schedule)
     generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]
-    xt = torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)  # (B, 1, H, W)
+    noise = lambda: torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)  # per image
+    xt = noise()  # (B, 1, H, W): pure noise
     both = torch.cat([labels, torch.full_like(labels, null_label(model))])  # the class, then the null label
     extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
     alpha_bar, v = schedule.alphas_cumprod.tolist(), schedule.config.prediction_type == "v_prediction"
@@ -195,7 +196,7 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if CHURN[0] <= t <= CHURN[1] and s >= 0 else 0
         x_s = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s - sigma ** 2) * eps
         if sigma > 0:
-            x_s = x_s + sigma * torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)
+            x_s = x_s + sigma * noise()
         if x0_prev is not None and s >= 0:  # the last step, to the clean image, stays first order
             h, h_prev = lam(s) - lam(t), lam(t) - lam(t_prev)
             x_s = x_s + math.sqrt(a_s) * (1 - math.exp(-h)) * h / (2 * h_prev) * (x0 - x0_prev)
@@ -339,7 +340,7 @@ def export_pretrained(model, out_dir, schedule=None, classes=CLASSES):
     y, rows = min(3, len(classes) - 1), "\n".join(f"| {i} | {name} |" for i, name in enumerate(classes))
     with open(os.path.join(tmp, "README.md"), "w") as f:  # only ddpm adds noise each step: it takes the generator
         f.write(CARD.format(size=model.config.sample_size, c=scheduler.config, cls=type(scheduler).__name__, y=y,
-                            y_name=classes[y], rows=rows, null=len(classes), steps=DEFAULT_STEPS[CARD_SAMPLER],
+                            y_name=classes[y], rows=rows, null=null_label(model), steps=DEFAULT_STEPS[CARD_SAMPLER],
                             w=DEFAULT_GUIDANCE, gen=", generator=g" if CARD_SAMPLER == "ddpm" else ""))
     for name in ("unet", "scheduler", "README.md"):  # each renamed into place whole: no reader sees half a unet/
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)

@@ -391,12 +391,11 @@ def main(argv=None):
                          f"takes powers of two >= 32)")
     if args.workers < 1:
         raise SystemExit(f"{ERR} --workers must be >= 1")
-    for flag in ("label_regex", "patient_regex"):
-        with contextlib.suppress(TypeError):
-            try:
-                re.compile(getattr(args, flag))
-            except re.error as e:
-                raise SystemExit(f"{ERR} --{flag.replace('_', '-')} '{getattr(args, flag)}': not a regex ({e})")
+    for flag, regex in (("--label-regex", args.label_regex), ("--patient-regex", args.patient_regex)):
+        try:
+            re.compile(regex or "")
+        except re.error as e:
+            raise SystemExit(f"{ERR} {flag} '{regex}': not a regex ({e})")
     names, labels = parse_classes(args.classes)
     if args.demo:  # the phantoms are inputs like any other: never regenerated under a prepared dataset
         args.csv, args.images = os.path.join(out, "raw", "Data_Entry_2017.csv"), os.path.join(out, "raw")

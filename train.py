@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from model import (AUTO, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NUM_TIMESTEPS, PRESETS, HelpFormatter,
                    add_noise, auto_amp, build_unet, classes_of, export_pretrained, load_checkpoint, loss_weights,
-                   make_schedule, pick_preset, replace_file, sample, save_checkpoint, set_threads, target, unet_config)
+                   make_schedule, null_label, pick_preset, replace_file, sample, save_checkpoint, set_threads, target,
+                   unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -398,7 +399,7 @@ def main(argv=None):
             g.manual_seed(args.seed * 1_000_003 + (step * args.grad_accum + micro) * world + rank)
             t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), generator=g, device=device)  # (B,) uniform
             eps = torch.randn(x0.shape, generator=g, device=device)  # (B, 1, H, W)
-            y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g, len(classes))
+            y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g, null_label(unet))
             # DDP averages the gradients on the last micro-batch only
             with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
                 loss = loss_per_image(model, x0, eps, t, y).mean()
