@@ -105,13 +105,18 @@ def target(x0, eps, t, alpha_bar, prediction="v_prediction"):  # what the UNet l
     return eps if prediction == "epsilon" else add_noise(eps, -x0, t, alpha_bar)  # v = sqrt(a) eps - sqrt(1-a) x0
 
 
-def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=5.0):  # the defaults are train.py's
-    """(1000,) weight of each t in the MSE: 1 for mse. In x0 units an eps-MSE weighs t by SNR, a v-MSE by SNR + 1;
-    Min-SNR-gamma (Hang et al. 2023) makes that min(SNR, gamma), so the easy low-noise steps do not pull the weights."""
+def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=None):  # the defaults are train.py's
+    """(1000,) weight of each t in the MSE: 1 for mse. In x0 units an eps-MSE weighs t by SNR, a v-MSE by SNR + 1.
+    min-snr (Hang et al. 2023) makes that min(SNR, gamma): less weight at low noise. low-noise does the opposite:
+    (SNR + 1) * min(SNR + 1, gamma)^0.5, mean 1 over t; the fine texture is drawn at low noise (docs/results.md)."""
     snr = alpha_bar / (1 - alpha_bar)
+    native = snr if prediction == "epsilon" else snr + 1  # the x0 weight the plain MSE already gives
     if loss == "mse":
         return torch.ones_like(snr)
-    return snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+    if loss == "min-snr":
+        return snr.clamp(max=5.0 if gamma is None else gamma) / native
+    w = (snr + 1) * (snr + 1).clamp(max=100.0 if gamma is None else gamma).sqrt() / native
+    return w / w.mean()
 
 # -----------------------------------------------------------------------------
 # Samplers, all run in the one loop of sample(). The diffusers ones are built on the training schedule's config (its

@@ -73,8 +73,8 @@ def parse_args(argv):
     p.add_argument("--cond-drop", type=float, default=0.1, help="P(null label), for classifier-free guidance")
     p.add_argument("--prediction", default="v", choices=["v", "eps"], help="v: measured best (docs/results.md)")
     p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: linear betas)")
-    p.add_argument("--loss", default="mse", choices=["mse", "min-snr"], help="MSE weights over t (mse: all 1)")
-    p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --loss min-snr (Hang et al. 2023)")
+    p.add_argument("--loss", default="mse", choices=["mse", "min-snr", "low-noise"], help="MSE weights over t (model.py)")
+    p.add_argument("--snr-gamma", type=float, default=None, help="the SNR cap of --loss (min-snr: 5, low-noise: 100)")
     # ---- system ----
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast (auto: bf16 on GPUs with bf16 cores, else fp16; fp32 on a CPU)")
@@ -113,7 +113,7 @@ def parse_args(argv):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.preset not in PRESETS and args.preset != "auto":
         die(f"--preset {args.preset}: unknown; choose from auto, {', '.join(PRESETS)}")
-    if not (args.snr_gamma > 0 and args.shift > 0):
+    if not ((args.snr_gamma is None or args.snr_gamma > 0) and args.shift > 0):
         die(f"--snr-gamma {args.snr_gamma} / --shift {args.shift}: must be > 0")
     return args, ckpt
 

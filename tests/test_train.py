@@ -96,6 +96,20 @@ def test_min_snr_weights_only_the_low_noise_steps_down():
     assert torch.equal(model.loss_weights(alpha_bar, "epsilon", "mse", 5.0), torch.ones(1000))  # the seed's loss
 
 
+def test_low_noise_weights_lean_to_the_clean_end_and_keep_the_mean():
+    """--loss low-noise: the opposite of Min-SNR, more weight where xt is nearly clean (where fine texture is drawn)."""
+    alpha_bar = model.make_schedule().alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    for p in ("v_prediction", "epsilon"):
+        w = model.loss_weights(alpha_bar, p, "low-noise")
+        assert w.mean() == pytest.approx(1.0, rel=1e-5)  # the LR means what it means under plain MSE
+        x0_weight = w * (snr + 1 if p == "v_prediction" else snr)  # the weight of the x0 error
+        ratio = x0_weight / (snr + 1)  # over plain v-MSE's: sqrt(min(SNR + 1, 100)), up to a constant
+        assert torch.allclose(ratio / ratio[-1], (snr + 1).clamp(max=100).sqrt() / (snr[-1] + 1).sqrt(), rtol=1e-4)
+    w = model.loss_weights(alpha_bar, "v_prediction", "low-noise", 4.0)
+    assert w[0] / w[-1] == pytest.approx(2.0 / (snr[-1] + 1).sqrt().item(), rel=1e-3)  # the cap: SNR + 1 <= 4
+
+
 def test_eps_and_v_targets_weigh_the_x0_error_alike_under_min_snr():
     """The same prediction error of x0 costs the same under Min-SNR, whether the UNet says eps or v."""
     alpha_bar, g = model.make_schedule(shift=2.0).alphas_cumprod, torch.Generator().manual_seed(0)
