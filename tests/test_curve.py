@@ -11,18 +11,15 @@ import train
 from test_train import TINY, make_data
 
 
-@pytest.fixture
-def fast_evaluate(monkeypatch):  # the reference classifier trained for a few steps: the plumbing, not the numbers
-    real = curve.evaluate.main
-    monkeypatch.setattr(curve.evaluate, "main", lambda argv: real(
-        argv + ["--width", "8", "--epochs", "1", "--epoch-steps", "5", "--repeats", "5", "--device", "cpu"]))
+# the reference classifier trained for a few steps: the plumbing, not the numbers
+FAST_EVALUATE = ["--evaluate-args", "--width 8 --epochs 1 --epoch-steps 5 --repeats 5 --device cpu"]
 
 
-def test_scores_each_snapshot_once_and_plots_runs_side_by_side(tmp_path, fast_evaluate):
+def test_scores_each_snapshot_once_and_plots_runs_side_by_side(tmp_path):
     data = make_data(tmp_path / "d", counts=(8, 0, 0, 0, 8, 0))
     run = tmp_path / "run"
     train.main(["--data-dir", data, "--out-dir", str(run), *TINY, "--max-steps", "4", "--snapshot-every", "2"])
-    score = ["--run", str(run), "--data-dir", data, "--n", "4", "--steps", "3", "--guidance", "1.5"]
+    score = ["--run", str(run), "--data-dir", data, "--n", "4", "--steps", "3", "--guidance", "1.5", *FAST_EVALUATE]
     curve.main(score)
     rows = pd.read_csv(run / "curve.csv")
     assert rows["step"].tolist() == [2, 4] and (rows["minutes"].diff().dropna() > 0).all()
@@ -42,10 +39,10 @@ def test_scores_each_snapshot_once_and_plots_runs_side_by_side(tmp_path, fast_ev
     assert Image.open(png).size == (3 * 560, 300 + 40)  # fidelity, FD ratio, grainy films
 
 
-def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path, fast_evaluate):
+def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path):
     data = make_data(tmp_path / "d", counts=(8, 0, 0, 0, 8, 0))
     argv = ["--rare", "Pneumonia", "--data-dir", data, "--k", "3", "all", "--out-dir", str(tmp_path / "rare"),
-            "--max-steps", "2", "--train-batch-size", "4", "--utility-seeds", "1", "--batch-size", "8"]
+            "--max-steps", "2", "--train-batch-size", "4", "--utility-seeds", "1", "--batch-size", "8", *FAST_EVALUATE]
     table = curve.main(argv)
     cut = pd.read_csv(tmp_path / "rare" / "k3" / "data" / "train.csv")
     assert (cut["label"] == "Pneumonia").sum() == 3 and (cut["label"] == "No Finding").sum() == 8  # only the rare class
@@ -57,7 +54,7 @@ def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path, fas
     assert (table["train auc_lo"] <= table["train auc"]).all() and (table["train auc"] <= table["train auc_hi"]).all()
     assert pd.read_csv(tmp_path / "rare" / "rare.csv").shape == table.shape
     curve.main(argv[:4] + ["--k", "3", "--out-dir", str(tmp_path / "rare"), "--max-steps", "2", "--train-batch-size", "4",
-                           "--utility-seeds", "1", "--batch-size", "8", "--filter", "new"])  # k=3, other settings
+                           "--utility-seeds", "1", "--batch-size", "8", "--filter", "new", *FAST_EVALUATE])  # k=3, other settings
     both = pd.read_csv(tmp_path / "rare" / "rare.csv")
     assert len(both) == 3 and both["filter"].tolist() == ["none", "none", "new"]  # added, the others kept
     assert Image.open(tmp_path / "rare" / "rare.png").size == (2 * 560, 340)

@@ -2,9 +2,9 @@
 curve.py - quality against training time: score every EMA snapshot of a run, then plot runs side by side.
 
     python train.py ... --snapshot-every 500 --out-dir runs/a           # keeps runs/a/snapshots/ema_step*.pt
-    python curve.py --run runs/a --data-dir data/pmnist --sampler ddim-2m --steps 25 --guidance 1.5
-    python curve.py --plot runs/a/curve.csv runs/b/curve.csv --out assets/quality_vs_compute.png
-    python curve.py --rare Pneumonia --data-dir data/pmnist32 --k 32 64 128 256 all --out-dir runs/rare   # rare class
+    python instruments/curve.py --run runs/a --data-dir data/pmnist --sampler ddim-2m --steps 25 --guidance 1.5
+    python instruments/curve.py --plot runs/a/curve.csv runs/b/curve.csv --out assets/quality_vs_compute.png
+    python instruments/curve.py --rare Pneumonia --data-dir data/pmnist32 --k 32 64 128 256 all --out-dir runs/rare   # rare class
 
 Scoring a snapshot = sample.py (--n images of every class in the test split) + evaluate.py --no-utility, so the
 numbers are the ones those scripts give. Appends one row per snapshot to <run>/curve.csv (snapshots already in it
@@ -20,21 +20,43 @@ Rerunnable: finished generators, samples and classifiers are reused, so trying o
 """
 import argparse
 import glob
+import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-import evaluate
-import sample
-import train
-from model import HelpFormatter, classes_of, replace_file
+ROOT = Path(__file__).resolve().parents[1]  # the pipeline's scripts and model.py
+sys.path.insert(0, str(ROOT))
+from model import DEFAULT_GUIDANCE, HelpFormatter, classes_of, load_checkpoint, replace_file
 
 FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # >= 0.9 x real; FD <= 3 x the floor
-GRAINY_REAL = 100 - evaluate.GRAINY_Q  # % of real films evaluate.py calls grainy: where a generator's line belongs
+GRAINY_REAL = 5  # % of real films evaluate.py calls grainy (its GRAINY_Q = 95): where a generator's line belongs
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def run(script, *argv):
+    """python <script> argv, as a user runs it; its own one-line error (stderr) ends curve.py too."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, argv)]
+    if subprocess.run(cmd).returncode:
+        raise SystemExit(f"curve.py: error: {shlex.join(cmd[1:])} failed (its message is above)")
+
+
+def evaluated(*argv):  # instruments/evaluate.py's report.json, read back
+    out = argv[argv.index("--out") + 1]
+    run("instruments/evaluate.py", *argv)
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+def cache_size(data_dir):  # the side of the cached films, as prepare_data.py wrote them; None without a cache
+    cache = os.path.join(data_dir, "cache.npy")
+    return np.load(cache, mmap_mode="r").shape[1] if os.path.isfile(cache) else None
 
 
 def score(args):
@@ -49,12 +71,12 @@ def score(args):
     for snap in [s for s in snaps if os.path.basename(s) not in done]:
         samples = os.path.join(work, "samples")
         shutil.rmtree(samples, ignore_errors=True)
-        sample.main(["--ckpt", snap, "--n", str(args.n), "--out", samples, "--sampler", args.sampler,
-                     "--guidance", str(args.guidance), "--batch-size", str(args.batch_size)]
-                    + (["--steps", str(args.steps)] if args.steps else []) + [a for c in classes for a in ("--class", c)])
-        R = evaluate.main(["--data-dir", args.data_dir, "--samples", samples, "--size", str(args.size),
-                           "--out", os.path.join(work, "report"), "--no-utility"])
-        ckpt = evaluate.torch.load(snap, map_location="cpu", weights_only=True)  # step and training seconds
+        run("sample.py", "--ckpt", snap, "--n", args.n, "--out", samples, "--sampler", args.sampler,
+            "--guidance", args.guidance, "--batch-size", args.batch_size,
+            *(["--steps", args.steps] if args.steps else []), *[a for c in classes for a in ("--class", c)])
+        R = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
+                      "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
+        ckpt = load_checkpoint(snap)  # step and training seconds
         P = R["per_class"]
         seconds = ckpt["step"] * args.seconds_per_step if args.seconds_per_step else ckpt["time_s"]
         row = {"snapshot": os.path.basename(snap), "step": ckpt["step"], "minutes": seconds / 60,
@@ -159,24 +181,24 @@ def rare(args):
                          f"{', '.join(classes)}")
     if not os.path.exists(os.path.join(args.data_dir, "train.csv")):
         raise SystemExit(f"curve.py: error: --data-dir {args.data_dir}: no train.csv (run prepare_data.py first)")
-    size = args.size or train.cache_size(args.data_dir) or 32
+    size = args.size or cache_size(args.data_dir) or 32
     run_tag = f"run-{args.balance}-{args.max_steps}"  # the generator's settings; sample/evaluate settings below
     rows = []
     for k in args.k:
         base = os.path.join(args.out_dir, f"k{k}")
         n_real, n_other = cut_rare(args.data_dir, os.path.join(base, "data"), args.rare, k, args.seed)
-        run = os.path.join(base, run_tag)
-        train.main(["--data-dir", os.path.join(base, "data"), "--out-dir", run, "--resume", "--max-steps",
-                    str(args.max_steps), "--batch-size", str(args.train_batch_size), "--balance", args.balance])
+        gen = os.path.join(base, run_tag)
+        run("train.py", "--data-dir", os.path.join(base, "data"), "--out-dir", gen, "--resume", "--max-steps",
+            args.max_steps, "--batch-size", args.train_batch_size, "--balance", args.balance)
         n = args.n_synthetic or max(n_other - n_real, n_real)  # default: as many as the largest other class has
-        samples = os.path.join(run, f"samples-w{args.guidance:g}-n{n}")
+        samples = os.path.join(gen, f"samples-w{args.guidance:g}-n{n}")
         if not os.path.exists(os.path.join(samples, "manifest.csv")):
-            sample.main(["--ckpt", run, "--class", args.rare, "--n", str(n), "--guidance", str(args.guidance),
-                         "--out", samples, "--overwrite", "--batch-size", str(args.batch_size)])
-        R = evaluate.main(["--data-dir", os.path.join(base, "data"), "--samples", samples, "--size", str(size),
-                           "--out", os.path.join(base, "report"), "--utility-seeds", str(args.utility_seeds),
-                           "--specificity", str(args.specificity), "--synthetic-share", str(args.synthetic_share),
-                           "--filter", args.filter])
+            run("sample.py", "--ckpt", gen, "--class", args.rare, "--n", n, "--guidance", args.guidance,
+                "--out", samples, "--overwrite", "--batch-size", args.batch_size)
+        R = evaluated("--data-dir", os.path.join(base, "data"), "--samples", samples, "--size", size,
+                      "--out", os.path.join(base, "report"), "--utility-seeds", args.utility_seeds,
+                      "--specificity", args.specificity, "--synthetic-share", args.synthetic_share,
+                      "--filter", args.filter, *shlex.split(args.evaluate_args))
         U, P = R["utility"], R["per_class"][args.rare]
         rows.append({"k": n_real, "n_setting": args.n_synthetic, "n_synthetic": R["settings"]["n_synthetic_used"],
                      "guidance": args.guidance,
@@ -211,8 +233,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="synthetic images per class and snapshot")
     p.add_argument("--sampler", default="ddim-2m", help="sample.py --sampler")
     p.add_argument("--steps", type=int, default=None, help="sample.py --steps (default: the sampler's)")
-    p.add_argument("--guidance", type=float, default=sample.GUIDANCE, help="sample.py --guidance")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="sample.py --guidance")
     p.add_argument("--batch-size", type=int, default=100, help="sample.py --batch-size")
+    p.add_argument("--evaluate-args", default="", help="more evaluate.py flags, one string (e.g. \"--reference-share 1\")")
     p.add_argument("--seconds-per-step", type=float, default=None, help="minutes = step x this (a run timed alone), "
                    "instead of the run's own clock (a run that shared the CPU)")
     # ---- plot runs ----
@@ -247,7 +270,7 @@ def main(argv=None):
     if not args.run or not args.data_dir:
         raise SystemExit("curve.py: error: give --run and --data-dir to score a run, --rare and --data-dir for the "
                          "rare-class benchmark, or --plot CSV... to draw")
-    args.size = args.size or train.cache_size(args.data_dir) or 32
+    args.size = args.size or cache_size(args.data_dir) or 32
     score(args)
 
 

@@ -1,7 +1,7 @@
 """
 evaluate.py - are these synthetic chest X-rays fit to augment a dataset? One command, no radiologist, no downloads:
 
-    python evaluate.py --data-dir data/nih --samples samples/ --size 128 --out report/ [--no-utility]
+    python instruments/evaluate.py --data-dir data/nih --samples samples/ --size 128 --out report/ [--no-utility]
 
 Per class, in the features of a small CNN trained on real train: label fidelity, size-matched realism (FD ratio,
 KID), diversity, noise-like and memorized images; and utility: AUC on real test of classifiers trained with and
@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py, in the root
 from model import HelpFormatter, classes_of, replace_file, set_threads
 
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly

@@ -1,9 +1,9 @@
 """
 bench.py - measured speed, as ratios taken in one run: data loading, the training step, sampling.
 
-    python bench.py --gpu-check --out-dir gpu_check          # README's GPU table + a 256 px run: < 8 min, H100/H200
-    python bench.py --device cuda --preset base --compile    # the training and sampling tables alone
-    python bench.py --quick                                  # tiny preset on the CPU in under a minute (smoke test)
+    python instruments/bench.py --gpu-check --out-dir gpu_check          # README's GPU table + a 256 px run: < 8 min, H100/H200
+    python instruments/bench.py --device cuda --preset base --compile    # the training and sampling tables alone
+    python instruments/bench.py --quick                                  # tiny preset on the CPU in under a minute (smoke test)
 
 Writes bench.json (every number, the device, the date, the peak FLOP/s behind MFU) and bench.md (the tables, as
 printed) into --out-dir. MFU = 3 x model.flops_per_image (forward + backward ~ 3 forwards) x img/s / dense bf16 peak.
@@ -27,6 +27,7 @@ import torch
 from diffusers import DDPMPipeline
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py, in the root
 import model
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s); --peak-tflops overrides
@@ -106,7 +107,7 @@ def whole_loop(args, device):
     """--gpu-check: prepare_data.py --demo, train.py, sample.py run here as a user runs them (bench.py imports model.py
     alone), into gpu_check.log (what a time limit cuts short leaves is there); metrics.csv and the grid copied out."""
     steps, dev, out, rows = args.train_steps, ["--device", device.type], args.out_dir, []
-    here = os.path.dirname(os.path.abspath(__file__))
+    root = Path(__file__).resolve().parents[1]  # the pipeline scripts
     # the data, ckpt.pt (1.8 GB at base) and the export stay out of --out-dir
     with tempfile.TemporaryDirectory() as work, open(os.path.join(out, "gpu_check.log"), "w") as log:
         data, run = os.path.join(work, "data"), os.path.join(work, "run")
@@ -117,7 +118,7 @@ def whole_loop(args, device):
                     ["sample.py", "--ckpt", run, "--class", "all", "--n", "4", "--out", os.path.join(work, "s"), *dev]):
             print(f"$ python {' '.join(cmd)}", file=log, flush=True)
             t0 = time.perf_counter()
-            exit_code = subprocess.run([sys.executable, os.path.join(here, cmd[0]), *cmd[1:]], stdout=log,
+            exit_code = subprocess.run([sys.executable, str(root / cmd[0]), *cmd[1:]], stdout=log,
                                        stderr=subprocess.STDOUT).returncode
             rows.append({"command": " ".join(cmd).replace(work, "$WORK"), "seconds": time.perf_counter() - t0,
                          "exit": exit_code})
