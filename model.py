@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import time
 import zipfile
 
@@ -233,6 +234,12 @@ def set_threads(device, seconds=0.25):
             pass
         torch.set_num_threads(cores)
     return torch.get_num_threads()
+
+
+def bar_pace():
+    """tqdm keywords for the long loops: tqdm's own on a terminal; into a log file (stderr not a terminal) a redraw a
+    minute, not ten a second (maxinterval too: tqdm's monitor thread redraws a bar quiet for longer than it)"""
+    return {} if sys.stderr.isatty() else {"mininterval": 60, "maxinterval": 60}
 
 
 def auto_amp(device):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -44,6 +45,10 @@ SIZES = [2 ** k for k in range(5, 11)]  # train.py's UNet takes powers of two >=
 WINDOW_PCT = (0.5, 99.5)  # >8-bit films: these percentiles -> 0..255; min/max let one hot pixel blacken the film
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what a folder-per-class layout may hold
 ERR = "prepare_data.py: error:"
+
+
+def bar_pace():  # tqdm keywords: into a log file a redraw a minute (as model.bar_pace; this script has no torch)
+    return {} if sys.stderr.isatty() else {"mininterval": 60, "maxinterval": 60}
 
 
 def norm(name):  # 'Pleural_Thickening' = ' pleural thickening': labels compare in any case, spaces or underscores
@@ -236,7 +241,7 @@ def build_cache(paths, size, aspect, workers, dst):
     errs, jobs, r, n_rect = [], [(p, size, aspect) for p in paths], 0, 0
     with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         it = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)  # imap keeps the order
-        for x, rect, err in tqdm(it, total=len(jobs), desc=f"cache {size}px", unit="img"):
+        for x, rect, err in tqdm(it, total=len(jobs), desc=f"cache {size}px", unit="img", **bar_pace()):
             errs.append(err)
             n_rect += rect
             if x is not None:  # good images packed at the front: row r = r-th good image
@@ -344,7 +349,7 @@ def make_demo(raw, seed=0):
              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"]
     info = PngImagePlugin.PngInfo()
     info.add_text("synthetic", "1 (phantom from prepare_data.py --demo)")
-    for pid, c in enumerate(tqdm(cls, desc="demo phantoms", unit="patient"), start=1):
+    for pid, c in enumerate(tqdm(cls, desc="demo phantoms", unit="patient", **bar_pace()), start=1):
         a = {"w": rng.uniform(0.78, 0.88), "top": rng.uniform(-0.8, -0.7), "rib": rng.uniform(0.125, 0.145),
              "dome": rng.uniform(0.38, 0.48) + np.array([0.0, 0.05]), "heart": rng.uniform(0.31, 0.36),
              "side": int(rng.choice([-1, 1])), "gain": rng.uniform(0.95, 1.1), "gamma": rng.uniform(0.9, 1.1)}

@@ -155,7 +155,8 @@ def main(argv=None):
     text = {**SYNTHETIC, **settings, "weights": "model" if args.no_ema else "ema", "amp": amp.replace("off", "fp32")}
     jobs = [(c, i) for c in classes for i in range(args.n)]
     rows, previews = [], {c: [] for c in classes}
-    t0, bar = time.time(), tqdm(total=len(jobs), desc=f"{sampler} {steps} steps w={args.guidance}", unit="img")
+    t0, bar = time.time(), tqdm(total=len(jobs), desc=f"{sampler} {steps} steps w={args.guidance}", unit="img",
+                                   **model.bar_pace())
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b:b + args.batch_size]
         labels = torch.tensor([c for c, _ in batch], device=device)  # (B,)

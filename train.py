@@ -30,18 +30,18 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (AUTO, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NUM_TIMESTEPS, PRESETS, HelpFormatter,
-                   add_noise, auto_amp, build_unet, classes_of, export_pretrained, load_checkpoint, loss_weights,
-                   make_schedule, null_label, pick_preset, replace_file, sample, save_checkpoint, set_threads, target,
-                   unet_config)
+                   add_noise, auto_amp, bar_pace, build_unet, classes_of, export_pretrained, load_checkpoint,
+                   loss_weights, make_schedule, null_label, pick_preset, replace_file, sample, save_checkpoint,
+                   set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
 LABEL_W = 80        # pixels left of the sample grid for the class names
 STOP_CHECK = 10     # DDP: steps between the ranks' agreement on Ctrl-C / SIGTERM (a sync)
 # --lr default per preset. tiny: 1e-3 beat 5e-4 on real CXRs at 32 px (docs/results.md); small: 5e-4 ran stable there;
-# base keeps the seed's 1e-4 (not swept: no GPU yet).
+# base keeps the original design's 1e-4 (not swept: not yet measured on a GPU).
 PRESET_LR = {"tiny": 1e-3, "small": 5e-4, "base": 1e-4}
-WARMUP_SHARE = 80   # default --warmup-steps: max-steps / 80, at most 1000 (seed: always 1000, 2/3 of a short run)
+WARMUP_SHARE = 80   # default --warmup-steps: max-steps / 80, at most 1000 (originally always 1000: 2/3 of a short run)
 
 
 def die(msg):
@@ -170,7 +170,7 @@ def rank_batches(stream, batch_size, rank, world):
 def load_batch(rows, cache, cache_row, path, class_id, size):
     """Runs in a DataLoader worker. rows: indices into the split. Returns uint8 (B, 1, H, W), labels (B,)."""
     if cache is not None:  # memory-mapped: only these rows are read from disk
-        x = np.load(cache, mmap_mode="r")[cache_row[rows]]
+        x = open_cache(cache)[cache_row[rows]]
     else:  # Pillow antialiases when it shrinks; never flipped
         x = np.stack([np.asarray(Image.open(path[r]).convert("L").resize((size, size), Image.BILINEAR)) for r in rows])
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(class_id[rows])
@@ -194,9 +194,16 @@ def read_split(data_dir, split, classes):  # -> load_batch's cache_row, path and
     return {c: df[c].to_numpy() for c in ("cache_row", "path", "class_id")}
 
 
+def open_cache(path):  # memory-mapped; a copy cut short (an interrupted copy) fails np.load's header or size checks
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, EOFError):
+        die(f"{path} is damaged (cut short?): prepare the data again with prepare_data.py")
+
+
 def cache_size(data_dir):  # None: no cache.npy (prepare_data.py --no-cache), the workers decode the PNGs
     cache = os.path.join(data_dir, "cache.npy")
-    return np.load(cache, mmap_mode="r").shape[1] if os.path.isfile(cache) else None
+    return open_cache(cache).shape[1] if os.path.isfile(cache) else None
 
 
 def ignore_signals(worker_id):  # DataLoader workers leave Ctrl-C / SIGTERM to the main process, which saves
@@ -390,7 +397,8 @@ def main(argv=None):
     batches, done, t_last = iter(loader), start, time.time()  # train_s: the training steps' seconds, no saves or evals
     logged = start, seen, train_s  # at the last log line, for the mean loss and img/s since
     due = lambda every: every > 0 and done % every == 0  # an --*-every of 0 turns the activity off
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank > 0, dynamic_ncols=True)
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank > 0, dynamic_ncols=True,
+               **bar_pace())
     for step in bar:
         lr = opt.param_groups[0]["lr"] = lr_at(step, args.lr, args.warmup_steps, args.max_steps)  # the UNet's one group
         for micro in range(args.grad_accum):
@@ -455,7 +463,11 @@ def main(argv=None):
     if master:
         export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir,
                           noise_schedule, classes)
-        print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet")
+        if done > start:
+            print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet")
+        else:  # --resume of a finished run: no step, so ckpt.pt was not saved; the export is written again
+            print(f"train.py: the run was already at step {done} (--max-steps {args.max_steps}): nothing trained, "
+                  f"{ckpt_path} unchanged; wrote {args.out_dir}/unet again")
     if world > 1:  # wait until every rank is here, so no gloo worker still holds a tensor from the last all-reduce:
         dist.barrier()  # tearing the group down under one deadlocks on the GIL (seen here as a hang at exit)
         del model  # DDP's reducer holds the group: drop it first

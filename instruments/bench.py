@@ -270,11 +270,11 @@ def main(argv=None):
         *(f"| {r['sampler']} | {r['precision']} | {r.get('error') or cell(r, 'img_s', '.3f')} | {ratio(r, s[-1])} |"
           for r in s))
 
-    # ---- 4. issue 18's targets (one H100/H200, base UNet, 256 px) beside this run's figures; never asserted
+    # ---- 4. the speed targets (one H100/H200, base UNet, 256 px) beside this run's figures; never asserted
     best = {b: max([r for r in report["train"] if r["batch"] == b and "img_s" in r], key=lambda r: r["img_s"],
                    default=None) for b in (8, 32)}
     eager = next((r for r in report["train"] if r["batch"] == 32 and r["config"] == CONFIGS[0]), {})
-    say("\n| issue 18 target (one H100/H200, base, 256 px) | measured | target |\n|---|---:|---|",
+    say("\n| target (one H100/H200, base, 256 px) | measured | target |\n|---|---:|---|",
         f"| MFU at batch 32, fastest row | {cell(best[32], 'mfu', '.1%')} | >= 45% |",
         f"| batch 32, fastest row over fp32 eager | {ratio(best[32] or {}, eager)} | >= x3 |",
         f"| img/s at batch 8, fastest row | {cell(best[8], 'img_s', '.1f')} | >= 120 |",

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py, in the root
-from model import HelpFormatter, classes_of, replace_file, set_threads
+from model import HelpFormatter, bar_pace, classes_of, replace_file, set_threads
 
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
 MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of real test-to-train distances
@@ -59,7 +59,10 @@ def load(csv, size, workers, missing, empty, classes):
     resize = lambda im: np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0))  # as prepare_data.py
     cache = csv.parent / "cache.npy"
     if cache.exists() and "cache_row" in df.columns and (df["cache_row"] >= 0).all():
-        cache, rows = np.load(cache, mmap_mode="r"), df["cache_row"].to_numpy()
+        try:  # a copy cut short (an interrupted copy) fails np.load's header or size checks
+            cache, rows = np.load(cache, mmap_mode="r"), df["cache_row"].to_numpy()
+        except (ValueError, EOFError):
+            die(f"{cache} is damaged (cut short?): prepare the data again with prepare_data.py")
         if rows.max() >= len(cache):
             die(f"{csv}: cache_row {rows.max()} is past the end of cache.npy ({len(cache)} rows)")
         x = np.empty((len(rows), size, size), np.uint8)
@@ -72,7 +75,7 @@ def load(csv, size, workers, missing, empty, classes):
         die(f"{csv}: image not found: {lost[0]}")
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL; a PNG's file closes on load
         x = pool.map(lambda p: resize(Image.open(p).convert("L")), df["path"])
-        return np.stack(list(tqdm(x, total=len(df), desc=f"{csv.name} pngs"))), y, df
+        return np.stack(list(tqdm(x, total=len(df), desc=f"{csv.name} pngs", **bar_pace()))), y, df
 
 
 def load_split(data_dir, split, size, workers=0):
@@ -155,7 +158,8 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
     best, best_state, best_epoch = np.inf, None, 0
     for epoch in range(args.epochs):
         net.train()
-        for _ in tqdm(range(steps), desc=f"[{tag} seed {seed}] epoch {epoch + 1}/{args.epochs}", leave=False):
+        for _ in tqdm(range(steps), desc=f"[{tag} seed {seed}] epoch {epoch + 1}/{args.epochs}", leave=False,
+                      **bar_pace()):
             idx = torch.multinomial(w, args.batch_size, replacement=True, generator=g).numpy()
             loss = F.cross_entropy(net(to_input(x[idx], args.device)), torch.from_numpy(y[idx]).to(args.device))
             opt.zero_grad(set_to_none=True)
@@ -311,7 +315,7 @@ def nearest(q, ref, device, chunk=512):
     """-> (similarity, index) of each query row's nearest reference row; rows are unit vectors"""
     ref = ref.to(device)
     best = [(q[i:i + chunk].to(device) @ ref.T).max(1)  # (similarity, index) per chunk of queries
-            for i in tqdm(range(0, len(q), chunk), desc="nearest train", leave=False)]
+            for i in tqdm(range(0, len(q), chunk), desc="nearest train", leave=False, **bar_pace())]
     return torch.cat([s for s, _ in best]).cpu().double().numpy(), torch.cat([j for _, j in best]).cpu().numpy()
 
 
@@ -322,7 +326,7 @@ def bootstrap_auc(models, y, n_boot, seed, classes, specificity=0.9):
     names = list(models)
     point = {m: np.mean([class_scores(p, y, specificity) for p in ps], 0) for m, ps in models.items()}
     rng, reps = np.random.default_rng(seed), {m: [] for m in names}
-    for _ in tqdm(range(n_boot), desc="bootstrap", leave=False):
+    for _ in tqdm(range(n_boot), desc="bootstrap", leave=False, **bar_pace()):
         i = rng.integers(0, len(y), len(y))
         for m in names:
             reps[m].append(class_scores(models[m][rng.integers(len(models[m]))][i], y[i], specificity))
@@ -411,7 +415,6 @@ def main(argv=None):
         die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1), [0, 1)")
     set_threads(torch.device(args.device))
     out, B, dev, rng = Path(args.out), args.batch_size, args.device, np.random.default_rng(args.seed)
-    (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it
 
     # ---- data
     (xtr, ytr, dtr), (xva, yva, dva), (xte, yte, dte) = [load_split(args.data_dir, s, args.size, args.workers)
@@ -427,6 +430,9 @@ def main(argv=None):
     itr, pid = dtr["image_index"].astype(str).to_numpy(), [patients(d) for d in (dtr, dva, dte)]
     ref = reference_films(pid[0], ytr, args.reference_share, args.seed)  # (N_train,) bool
     y_po, groups = np.concatenate([ytr[~ref], yva, yte]), pd.factorize(np.concatenate([pid[0][~ref], *pid[1:]]))[0]
+    if not any(min((ys == c).sum(), (y_po == c).sum() // 2) >= 2 for c in range(len(classes))):  # matched_realism's n
+        die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real pool films to compare to")
+    (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it: once the input is good
     print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)} (the reference classifier learns from {ref.sum()}, "
           f"the real pool holds {len(y_po)}), synthetic {len(xs)}, size {args.size}, device {dev}")
     R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs),
@@ -472,8 +478,6 @@ def main(argv=None):
                        "diversity_features": div(f_s[s], f_po[r]), "diversity_pixels": div(px_s[s], px_po[r]),
                        "memorized": flag[s].sum(), "noise_like": noisy[s].sum()}
             draws += [] if np.isnan(d).any() else [d]
-    if not draws:
-        die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real pool films to compare to")
     scored = [d for d in P.values() if d["n_synthetic"] and d["n_real"]]  # a mean over these classes
     R["per_class"], R["summary"] = P, {"n_synthetic": len(xs), "n_real": len(y_po), "memorized": flag.sum(),
                                        "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])

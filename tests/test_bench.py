@@ -87,9 +87,9 @@ def test_errors_other_than_out_of_memory_are_not_swallowed():
 
 
 def test_gpu_check_runs_whole_on_a_cpu_at_a_tiny_scale(tmp_path):
-    """The GPU check, as a lent GPU runs it, on a CPU with --quick: tables with the targets, then prepare_data.py
-    --demo, train.py and sample.py as subprocesses, a loss curve and a sample grid. At most 8 files come back from
-    the device machine: that is all it writes."""
+    """The GPU check, as a GPU runs it, on a CPU with --quick: tables with the targets, then prepare_data.py
+    --demo, train.py and sample.py as subprocesses, a loss curve and a sample grid. These six files are all it
+    writes."""
     report = bench.main(["--gpu-check", *QUICK, "--train-steps", "12", "--out-dir", str(tmp_path)])
     files = {"bench.json", "bench.md", "gpu_check.log", "metrics.csv", "loss_curve.png", "samples.png"}
     assert {p.name for p in tmp_path.iterdir()} == files

@@ -289,6 +289,14 @@ def test_bad_input_is_one_clear_error_line(data, tmp_path, monkeypatch):
         run(data, good, tmp_path / "r", "--repeats", "0")
     with pytest.raises(SystemExit, match="no class of the synthetic images has >= 4 real pool"):
         run(data, write_samples(tmp_path / "one", x[:1], y[:1]), tmp_path / "r")
+    cut = make_data(tmp_path / "cut")  # an interrupted copy: cache.npy cut short (np.load: "mmap length is greater")
+    with open(cut / "cache.npy", "r+b") as f:
+        f.truncate((cut / "cache.npy").stat().st_size // 2)
+    with pytest.raises(SystemExit) as e:
+        run(cut, good, tmp_path / "r")
+    assert str(e.value) == (f"evaluate.py: error: {cut / 'cache.npy'} is damaged (cut short?): prepare the data "
+                            "again with prepare_data.py")
+    assert not (tmp_path / "r").exists()  # no refusal above left an empty report folder behind
 
 
 # ---- the rare-class utility: sensitivity at a fixed specificity, how synthetic images are weighed and filtered ----

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import weakref
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_min_snr_weights_only_the_low_noise_steps_down():
     assert torch.equal(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # noisy steps: plain eps-MSE
     assert torch.allclose(w[snr > 5], 5 / snr[snr > 5]) and w[0] == pytest.approx(5e-4, rel=1e-3)  # t=0: SNR ~1e4
     assert (w[1:] >= w[:-1]).all()  # less weight the cleaner xt is
-    assert torch.equal(model.loss_weights(alpha_bar, "epsilon", "mse", 5.0), torch.ones(1000))  # the seed's loss
+    assert torch.equal(model.loss_weights(alpha_bar, "epsilon", "mse", 5.0), torch.ones(1000))  # the original loss
 
 
 def test_low_noise_weights_lean_to_the_clean_end_and_keep_the_mean():
@@ -274,7 +275,7 @@ def test_lr_and_warmup_defaults_follow_the_preset_and_run_length(tmp_path):
     assert lr[0] == pytest.approx(train.PRESET_LR["tiny"] / 2) and lr.max() == pytest.approx(train.PRESET_LR["tiny"])
     run(data, tmp_path / "run", "--max-steps", "161", "--resume")  # one more step, the run's own LR
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]["lr"] == train.PRESET_LR["tiny"]
-    assert train.PRESET_LR["base"] == 1e-4 and min(1000, 100_000 // train.WARMUP_SHARE) == 1000  # the seed's, long runs
+    assert train.PRESET_LR["base"] == 1e-4 and min(1000, 100_000 // train.WARMUP_SHARE) == 1000  # the original's, long runs
 
 
 def test_a_checkpoint_from_before_v_prediction_resumes_as_eps(tmp_path):
@@ -332,6 +333,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("batch 0", ["--data-dir", "{tmp}/d", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
     ("preset", ["--data-dir", "{tmp}/d", "--preset", "huge"], "--preset huge: unknown; choose from auto, base, small, tiny"),
     ("size vs preset", ["--data-dir", "{tmp}/d", "--preset", "small", "--image-size", "48"], "does not fit preset"),
+    ("cut short", ["--data-dir", "{tmp}/d"], r"d/cache.npy is damaged \(cut short\?\): prepare the data again with "
+     "prepare_data.py"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, case, flags, message):
     make_data(tmp_path / "d")
@@ -341,6 +344,8 @@ def test_bad_input_is_one_line_error(tmp_path, case, flags, message):
     argv = ["--out-dir", str(tmp_path / "run"), *TINY, *[f.format(tmp=tmp_path) for f in flags]]
     if case == "size vs preset":  # no cache, so any size is accepted by the data and refused by the model
         os.remove(tmp_path / "d" / "cache.npy")
+    if case == "cut short":  # an interrupted copy: np.load(mmap_mode="r") raised "mmap length is greater than ..."
+        os.truncate(tmp_path / "d" / "cache.npy", os.path.getsize(tmp_path / "d" / "cache.npy") // 2)
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
@@ -512,15 +517,33 @@ def test_compile_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
     assert sd_equal(a["model"], b["model"]) and sd_equal(a["ema"], b["ema"])
 
 
-def test_resume_starts_a_new_run_and_rerunning_a_finished_one_changes_nothing(tmp_path):
-    data = make_data(tmp_path / "d")
+def test_resume_starts_a_new_run_and_rerunning_a_finished_one_changes_nothing(tmp_path, capsys):
+    data, ckpt = make_data(tmp_path / "d"), tmp_path / "r" / "ckpt.pt"
     cmd = ["--resume", "--max-steps", "3", "--seed", "1"]  # the quickstart's way: one command, safe to run again
     run(data, tmp_path / "r", *cmd)
-    first = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    first = torch.load(ckpt, weights_only=True)
     assert first["step"] == 3
+    assert f"train.py: step 3: wrote {ckpt} and {tmp_path / 'r'}/unet" in capsys.readouterr().out
     unet, _ = run(data, tmp_path / "r", *cmd)
-    again = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    again = torch.load(ckpt, weights_only=True)
     assert again["step"] == 3 and sd_equal(again["model"], first["model"]) and sd_equal(unet.state_dict(), first["model"])
+    said = capsys.readouterr().out  # says so, and does not claim to have written ckpt.pt
+    assert f"the run was already at step 3 (--max-steps 3): nothing trained, {ckpt} unchanged" in said
+    assert f"wrote {ckpt}" not in said
+
+
+def test_progress_bar_into_a_log_file_redraws_rarely(tmp_path, monkeypatch, capsys):
+    """stderr not a terminal (capsys; a redirected log): no redraw every 0.1 s (a 37-minute run logged ~120 KB of bars),
+    but the bar's start and end still show."""
+    data, real_ema_update = make_data(tmp_path / "d"), train.ema_update
+
+    def slow_ema_update(*a):  # 20 steps of >= 0.05 s: at tqdm's default 0.1 s a dozen redraws
+        time.sleep(0.05)
+        real_ema_update(*a)
+    monkeypatch.setattr(train, "ema_update", slow_ema_update)
+    run(data, tmp_path / "run", "--max-steps", "20", "--batch-size", "2")
+    err = capsys.readouterr().err
+    assert err.count("\r") <= 3 and "20/20" in err, err
 
 
 def test_resume_without_out_dir_continues_the_default_run_folder(tmp_path, monkeypatch):
