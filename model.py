@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -82,7 +81,7 @@ def flops_per_image(model, image_size):
 # (Hoogeboom et al. 2023): neighbouring pixels average the noise away, so a larger image needs noisier steps.
 
 
-def make_schedule(prediction="epsilon", shift=1.0):
+def make_schedule(prediction="v_prediction", shift=1.0):  # diffusers' names: v_prediction or epsilon
     kw = dict(num_train_timesteps=NUM_TIMESTEPS, prediction_type=prediction, clip_sample=True)
     linear = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **kw)
     if shift == 1.0:
@@ -94,7 +93,7 @@ def make_schedule(prediction="epsilon", shift=1.0):
 
 
 def schedule_of(ckpt):  # the schedule a checkpoint was trained on (checkpoints before v-prediction: eps, linear)
-    return make_schedule(**ckpt.get("schedule", {}))
+    return make_schedule(**ckpt.get("schedule", {"prediction": "epsilon"}))
 
 
 def add_noise(x0, eps, t, alpha_bar):  # the forward process; x0, eps: (B, 1, H, W), t: (B,)
@@ -121,7 +120,7 @@ def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=None): 
 
 # -----------------------------------------------------------------------------
 # Samplers, all run in the one loop of sample(). The diffusers ones are built on the training schedule's config (its
-# betas); ddpm is the ancestral 1000-step sampler, the others deterministic fast solvers. ddim-2m: see sample().
+# betas); ddpm is the ancestral 1000-step sampler, the others deterministic fast solvers. ddim-2m: ddim_2m_step().
 
 SAMPLERS = {  # "trailing" spacing: the first step starts at t=999, pure noise, at any step count (Lin et al. 2023)
     "ddim-2m": None,
@@ -167,6 +166,24 @@ def make_sampler(name, steps, schedule=None):
     return scheduler, scheduler.timesteps
 
 
+def ddim_2m_step(xt, eps, t, s, alpha_bar, x0_prev=None, t_prev=None, eta=0.0, noise=None):
+    """One ddim-2m step from t down to s (-1: the clean image). DDIM's step keeps the model's eps for the noise (an eps
+    model's x0 is its error times 157 at t=999); the clipped, smooth x0 gets DPM-Solver++(2M)'s extrapolation from the
+    last two (Lu et al. 2022). -> (x_s, this step's x0)"""
+    a_t, a_s = alpha_bar[t], (alpha_bar[s] if s >= 0 else 1.0)
+    lam = lambda t: 0.5 * math.log(alpha_bar[t] / (1 - alpha_bar[t]))  # log signal-to-noise ratio of xt, per 2
+    x0 = ((xt - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+    # eta > 0: part of the noise in x_s is fresh, not the model's eps; it washes out the model's errors at mid t
+    sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if CHURN[0] <= t <= CHURN[1] and s >= 0 else 0
+    x_s = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s - sigma ** 2) * eps
+    if sigma > 0:
+        x_s = x_s + sigma * noise()
+    if x0_prev is not None and s >= 0:  # the last step, to the clean image, stays first order
+        h, h_prev = lam(s) - lam(t), lam(t) - lam(t_prev)
+        x_s = x_s + math.sqrt(a_s) * (1 - math.exp(-h)) * h / (2 * h_prev) * (x0 - x0_prev)
+    return x_s, x0
+
+
 @torch.no_grad()
 def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=None, schedule=None, eta=0.0):
     """One image per label (B,) -> (B, 1, H, W) float32 in [-1, 1]. generators: one CPU torch.Generator per image, so
@@ -180,8 +197,7 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
     both = torch.cat([labels, torch.full_like(labels, null_label(model))])  # the class, then the null label
     extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
     alpha_bar, v = schedule.alphas_cumprod.tolist(), schedule.config.prediction_type == "v_prediction"
-    lam = lambda t: 0.5 * math.log(alpha_bar[t] / (1 - alpha_bar[t]))  # log signal-to-noise ratio of xt, per 2
-    x0_prev = None
+    x0_prev = t_prev = None
     for i, t in enumerate(timesteps.tolist()):
         x_in = xt if scheduler is None else scheduler.scale_model_input(xt, t)
         if guidance == 1.0:  # plain conditional model: one forward, no doubled batch
@@ -190,23 +206,11 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
             out_cond, out_null = model(torch.cat([x_in, x_in]), t, class_labels=both).sample.float().chunk(2)
             out = out_null + guidance * (out_cond - out_null)
         eps = math.sqrt(1 - alpha_bar[t]) * xt + math.sqrt(alpha_bar[t]) * out if v else out  # v -> eps
-        if scheduler is not None:
+        if scheduler is None:  # ddim-2m, to the next t (-1 after the last: the clean image)
+            s = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
+            (xt, x0_prev), t_prev = ddim_2m_step(xt, eps, t, s, alpha_bar, x0_prev, t_prev, eta, noise), t
+        else:
             xt = scheduler.step(eps, t, xt, **extra).prev_sample
-            continue
-        # ddim-2m: DDIM's step from t to s keeps the model's eps for the noise (an eps model's x0 is its error times
-        # 157 at t=999); the clipped, smooth x0 gets DPM-Solver++(2M)'s extrapolation from the last two (Lu et al. 2022)
-        s = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1  # -1: the clean image, alpha_bar = 1
-        a_t, a_s = alpha_bar[t], (alpha_bar[s] if s >= 0 else 1.0)
-        x0 = ((xt - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
-        # eta > 0: part of the noise in x_s is fresh, not the model's eps; it washes out the model's errors at mid t
-        sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if CHURN[0] <= t <= CHURN[1] and s >= 0 else 0
-        x_s = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s - sigma ** 2) * eps
-        if sigma > 0:
-            x_s = x_s + sigma * noise()
-        if x0_prev is not None and s >= 0:  # the last step, to the clean image, stays first order
-            h, h_prev = lam(s) - lam(t), lam(t) - lam(t_prev)
-            x_s = x_s + math.sqrt(a_s) * (1 - math.exp(-h)) * h / (2 * h_prev) * (x0 - x0_prev)
-        xt, x0_prev, t_prev = x_s, x0, t
     return xt.clamp(-1, 1)
 
 # -----------------------------------------------------------------------------
@@ -218,21 +222,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):  # --help shows the
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
-def set_threads(device, seconds=0.25):
-    """CPU work: a thread per core idle over `seconds` (/proc/stat; elsewhere every core; README), unless the user set
-    OMP_NUM_THREADS. Returns the thread count."""
-    def idle_total():  # jiffies over all cores; /proc/stat's first line: cpu user nice system idle iowait irq ...
-        with open("/proc/stat") as f:
-            v = [int(n) for n in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v)
+def set_threads(device):
+    """CPU work: a thread per core that the last minute's load left idle (os.getloadavg; every core where there is
+    none), unless the user set OMP_NUM_THREADS: on a shared CPU, threads beyond the free cores run many times slower.
+    Returns the thread count."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        try:
-            (i0, n0), _, (i1, n1) = idle_total(), time.sleep(seconds), idle_total()
-            cores = max(1, min(cores, round((i1 - i0) / max(1, n1 - n0) * (os.cpu_count() or cores))))
-        except (OSError, ValueError, IndexError):
-            pass
-        torch.set_num_threads(cores)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # runnable processes, averaged over 1 min
+        torch.set_num_threads(max(1, min(cores, round(cores - busy))))
     return torch.get_num_threads()
 
 

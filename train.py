@@ -71,7 +71,8 @@ def parse_args(argv):
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for samples/export")
     p.add_argument("--cond-drop", type=float, default=0.1, help="P(null label), for classifier-free guidance")
-    p.add_argument("--prediction", default="v", choices=["v", "eps"], help="v: measured best (docs/results.md)")
+    p.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"],
+                   help="what the UNet outputs (diffusers' names); v_prediction: measured best (docs/results.md)")
     p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: linear betas)")
     p.add_argument("--loss", default="mse", choices=["mse", "min-snr", "low-noise"], help="MSE weights over t (model.py)")
     p.add_argument("--snr-gamma", type=float, default=None, help="the SNR cap of --loss (min-snr: 5, low-noise: 100)")
@@ -103,8 +104,9 @@ def parse_args(argv):
             ckpt = load_checkpoint(path)
         except ValueError as e:
             die(f"--resume: {e}")
-        before_v = {"prediction": "eps", "shift": 1.0}  # what a checkpoint that does not record them was trained with
-        p.set_defaults(**{**before_v, **ckpt["args"], "out_dir": args.out_dir})
+        saved = {"prediction": "epsilon", "shift": 1.0, **ckpt["args"]}  # before v-prediction they were not recorded
+        saved["prediction"] = {"v": "v_prediction", "eps": "epsilon"}.get(saved["prediction"], saved["prediction"])
+        p.set_defaults(**{**saved, "out_dir": args.out_dir})  # ^ the short names older runs saved
         args = p.parse_args(argv)
     elif os.path.exists(path):
         die(f"{args.out_dir} already holds a run (ckpt.pt): pass --resume to continue it or choose another --out-dir")
@@ -296,7 +298,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")  # fp16 only: bf16 has fp32's range
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = cuda  # fixed shapes: cuDNN times its conv algorithms once and keeps the fastest
-    schedule = dict(prediction={"eps": "epsilon", "v": "v_prediction"}[args.prediction], shift=args.shift)
+    schedule = dict(prediction=args.prediction, shift=args.shift)
     noise_schedule = make_schedule(**schedule)
     alpha_bar = noise_schedule.alphas_cumprod.to(device)  # (1000,)
     loss_weight = loss_weights(alpha_bar, schedule["prediction"], args.loss, args.snr_gamma)  # (1000,)

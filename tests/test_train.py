@@ -217,7 +217,7 @@ def test_train_and_val_loss_read_on_the_same_footing(tmp_path):
     data = make_data(tmp_path / "d")
     train_df = pd.read_csv(os.path.join(data, "train.csv"))
     pd.concat([train_df] * 22).to_csv(os.path.join(data, "val.csv"), index=False)  # 264 rows: every image at many t
-    for prediction in ("eps", "v"):  # gamma 0.1: weights far from 1 at most t, so an unweighted val loss stands out
+    for prediction in ("epsilon", "v_prediction"):  # gamma 0.1: weights far from 1 at most t, so an unweighted val loss stands out
         run(data, tmp_path / prediction, "--max-steps", "25", "--batch-size", "4", "--lr", "0", "--cond-drop", "0",
             "--log-every", "25", "--eval-every", "25", "--snr-gamma", "0.1", "--prediction", prediction)
         m = pd.read_csv(tmp_path / prediction / "metrics.csv")
@@ -270,7 +270,7 @@ def test_lr_and_warmup_defaults_follow_the_preset_and_run_length(tmp_path):
     data = make_data(tmp_path / "data")
     run(data, tmp_path / "run", "--max-steps", "160", "--batch-size", "2", "--log-every", "1")
     args = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]
-    assert (args["lr"], args["warmup_steps"], args["loss"], args["prediction"]) == (train.PRESET_LR["tiny"], 2, "mse", "v")
+    assert (args["lr"], args["warmup_steps"], args["loss"], args["prediction"]) == (train.PRESET_LR["tiny"], 2, "mse", "v_prediction")
     lr = pd.read_csv(tmp_path / "run" / "metrics.csv").lr
     assert lr[0] == pytest.approx(train.PRESET_LR["tiny"] / 2) and lr.max() == pytest.approx(train.PRESET_LR["tiny"])
     run(data, tmp_path / "run", "--max-steps", "161", "--resume")  # one more step, the run's own LR
@@ -280,14 +280,18 @@ def test_lr_and_warmup_defaults_follow_the_preset_and_run_length(tmp_path):
 
 def test_a_checkpoint_from_before_v_prediction_resumes_as_eps(tmp_path):
     data, out = make_data(tmp_path / "data"), tmp_path / "run"
-    run(data, out, "--max-steps", "2", "--batch-size", "2", "--prediction", "eps")
+    run(data, out, "--max-steps", "2", "--batch-size", "2", "--prediction", "epsilon")
     ckpt = model.load_checkpoint(str(out))
     del ckpt["schedule"], ckpt["args"]["prediction"], ckpt["args"]["shift"]  # as train.py wrote them before
     model.save_checkpoint(out / "ckpt.pt", ckpt)
     assert model.schedule_of(ckpt).config.prediction_type == "epsilon"  # sample.py reads it as eps
     train.main(["--resume", "--out-dir", str(out), "--max-steps", "3"])
     ckpt = model.load_checkpoint(str(out))
-    assert ckpt["step"] == 3 and ckpt["args"]["prediction"] == "eps" and ckpt["schedule"]["prediction"] == "epsilon"
+    assert ckpt["step"] == 3 and ckpt["args"]["prediction"] == "epsilon" and ckpt["schedule"]["prediction"] == "epsilon"
+    ckpt["args"]["prediction"] = "eps"  # the short name runs saved before the flag took diffusers' names
+    model.save_checkpoint(out / "ckpt.pt", ckpt)
+    train.main(["--resume", "--out-dir", str(out), "--max-steps", "4"])
+    assert model.load_checkpoint(str(out))["args"]["prediction"] == "epsilon"
 
 
 def test_first_step_ema_warmup_and_run_folder_guards(tmp_path):
