@@ -74,7 +74,8 @@ def parse_args(argv):
     p.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"],
                    help="what the UNet outputs (diffusers' names); v_prediction: measured best (docs/results.md)")
     p.add_argument("--shift", type=float, default=1.0, help="noise schedule shift: SNR(t) / shift^2 (1: linear betas)")
-    p.add_argument("--loss", default="mse", choices=["mse", "min-snr", "low-noise"], help="MSE weights over t (model.py)")
+    p.add_argument("--loss", default="mse", choices=["mse", "min-snr", "low-noise"],
+                   help="MSE weights over t (model.loss_weights)")
     p.add_argument("--snr-gamma", type=float, default=None, help="the SNR cap of --loss (min-snr: 5, low-noise: 100)")
     # ---- system ----
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],

@@ -4,12 +4,13 @@ curve.py - quality against training time: score every EMA snapshot of a run, the
     python train.py ... --snapshot-every 500 --out-dir runs/a           # keeps runs/a/snapshots/ema_step*.pt
     python instruments/curve.py --run runs/a --data-dir data/pmnist --sampler ddim-2m --steps 25 --guidance 1.5
     python instruments/curve.py --plot runs/a/curve.csv runs/b/curve.csv --out assets/quality_vs_compute.png
-    python instruments/curve.py --rare Pneumonia --data-dir data/pmnist32 --k 32 64 128 256 all --out-dir runs/rare   # rare class
+    python instruments/curve.py --rare Pneumonia --data-dir data/pmnist32 --k 32 64 128 256 all --out-dir runs/rare
 
-Scoring a snapshot = sample.py (--n images of every class in the test split) + evaluate.py --no-utility, so the
-numbers are the ones those scripts give. Appends one row per snapshot to <run>/curve.csv (snapshots already in it
-are skipped: run it again while training goes on). The plot: label fidelity over the real rate, and realism (FD
-ratio, log scale), against the run's training minutes, with the targets drawn in.
+Scoring a snapshot runs `python sample.py` (--n images of every class in the test split) and `python
+instruments/evaluate.py --no-utility` as a user would, so the numbers are the ones those commands give. Appends
+one row per snapshot to <run>/curve.csv (snapshots already in it are skipped: run it again while training goes on).
+The plot: label fidelity over the real rate, realism (FD ratio, log scale) and the share of grainy films against the
+run's training minutes, with the targets drawn in.
 
 --rare CLASS: does augmenting a rare class help? For each k, the class is cut to k training films (val and test
 untouched), the generator is trained on that split, sample.py draws synthetic films of the class (--n-synthetic),
@@ -74,21 +75,24 @@ def score(args):
         run("sample.py", "--ckpt", snap, "--n", args.n, "--out", samples, "--sampler", args.sampler,
             "--guidance", args.guidance, "--batch-size", args.batch_size,
             *(["--steps", args.steps] if args.steps else []), *[a for c in classes for a in ("--class", c)])
-        R = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
+        report = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
                       "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
         ckpt = load_checkpoint(snap)  # step and training seconds
-        P = R["per_class"]
+        per_class = report["per_class"]
         seconds = ckpt["step"] * args.seconds_per_step if args.seconds_per_step else ckpt["time_s"]
         row = {"snapshot": os.path.basename(snap), "step": ckpt["step"], "minutes": seconds / 60,
                "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-               "fidelity_over_real_worst": min(P[c]["fidelity"] / max(P[c]["accuracy"], 1e-3) for c in classes),
-               "fd_ratio": R["summary"]["fd_ratio"], "fd_ratio_worst": max(P[c]["fd_ratio"] for c in classes),
-               "kid": R["summary"]["kid"]["synthetic"]["mean"],
-               "grain_ratio": R["summary"]["grain"]["synthetic"]["mean"],
-               "grain_ratio_worst": max(P[c]["grain"]["synthetic"]["mean"] for c in classes),
-               "gradient_ratio_worst": max(P[c]["gradient"]["synthetic"]["mean"] for c in classes),
-               "grainy_pct_worst": 100 * max(P[c]["grainy"]["synthetic"]["mean"] for c in classes),
-               **{f"fidelity {c}": P[c]["fidelity"] for c in classes}, **{f"fd_ratio {c}": P[c]["fd_ratio"] for c in classes}}
+               "fidelity_over_real_worst": min(per_class[c]["fidelity"] / max(per_class[c]["accuracy"], 1e-3)
+                                               for c in classes),
+               "fd_ratio": report["summary"]["fd_ratio"],
+               "fd_ratio_worst": max(per_class[c]["fd_ratio"] for c in classes),
+               "kid": report["summary"]["kid"]["synthetic"]["mean"],
+               "grain_ratio": report["summary"]["grain"]["synthetic"]["mean"],
+               "grain_ratio_worst": max(per_class[c]["grain"]["synthetic"]["mean"] for c in classes),
+               "gradient_ratio_worst": max(per_class[c]["gradient"]["synthetic"]["mean"] for c in classes),
+               "grainy_pct_worst": 100 * max(per_class[c]["grainy"]["synthetic"]["mean"] for c in classes),
+               **{f"fidelity {c}": per_class[c]["fidelity"] for c in classes},
+               **{f"fd_ratio {c}": per_class[c]["fd_ratio"] for c in classes}}
         pd.DataFrame([row]).to_csv(csv, mode="a", header=not os.path.exists(csv), index=False)
         print(f"curve.py: {row['snapshot']}: {row['minutes']:.1f} min, worst fidelity/real "
               f"{row['fidelity_over_real_worst']:.3f}, FD ratio {row['fd_ratio']:.2f}, worst grain ratio "
@@ -195,16 +199,17 @@ def rare(args):
         if not os.path.exists(os.path.join(samples, "manifest.csv")):
             run("sample.py", "--ckpt", gen, "--class", args.rare, "--n", n, "--guidance", args.guidance,
                 "--out", samples, "--overwrite", "--batch-size", args.batch_size)
-        R = evaluated("--data-dir", os.path.join(base, "data"), "--samples", samples, "--size", size,
+        report = evaluated("--data-dir", os.path.join(base, "data"), "--samples", samples, "--size", size,
                       "--out", os.path.join(base, "report"), "--utility-seeds", args.utility_seeds,
                       "--specificity", args.specificity, "--synthetic-share", args.synthetic_share,
                       "--filter", args.filter, *shlex.split(args.evaluate_args))
-        U, P = R["utility"], R["per_class"][args.rare]
-        rows.append({"k": n_real, "n_setting": args.n_synthetic, "n_synthetic": R["settings"]["n_synthetic_used"],
+        utility, per_class = report["utility"], report["per_class"][args.rare]
+        rows.append({"k": n_real, "n_setting": args.n_synthetic, "n_synthetic": report["settings"]["n_synthetic_used"],
                      "guidance": args.guidance,
                      "synthetic_share": args.synthetic_share, "filter": args.filter, "generator": run_tag,
-                     "fidelity": P["fidelity"], "fd_ratio": P["fd_ratio"], "memorized": P["memorized"] / P["n_synthetic"],
-                     **{f"{m} {q}{end}": U[m][args.rare][q + end] for m in ("train", "train+synth", "diff")
+                     "fidelity": per_class["fidelity"], "fd_ratio": per_class["fd_ratio"],
+                     "memorized": per_class["memorized"] / per_class["n_synthetic"],
+                     **{f"{m} {q}{end}": utility[m][args.rare][q + end] for m in ("train", "train+synth", "diff")
                         for q in ("auc", "sens") for end in ("", "_lo", "_hi")}})
     table, path = pd.DataFrame(rows), os.path.join(args.out_dir, "rare.csv")
     keys = ["k", "generator", "guidance", "n_setting", "synthetic_share", "filter"]  # a row per k and settings
@@ -235,7 +240,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sample.py --steps (default: the sampler's)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="sample.py --guidance")
     p.add_argument("--batch-size", type=int, default=100, help="sample.py --batch-size")
-    p.add_argument("--evaluate-args", default="", help="more evaluate.py flags, one string (e.g. \"--reference-share 1\")")
+    p.add_argument("--evaluate-args", default="", help="more evaluate.py flags in one string: \"--reference-share 1\"")
     p.add_argument("--seconds-per-step", type=float, default=None, help="minutes = step x this (a run timed alone), "
                    "instead of the run's own clock (a run that shared the CPU)")
     # ---- plot runs ----
@@ -245,7 +250,7 @@ def main(argv=None):
     # ---- the rare-class benchmark (with --data-dir; --guidance and --batch-size as above) ----
     p.add_argument("--rare", metavar="CLASS", help="the class to cut to k training films and augment")
     p.add_argument("--k", nargs="+", default=["32", "64", "128", "256", "all"], help="training films of the class kept")
-    p.add_argument("--out-dir", default="runs/rare", help="one folder per k: the cut data, the generator, samples, report")
+    p.add_argument("--out-dir", default="runs/rare", help="per k: the cut data, the generator, samples, report")
     p.add_argument("--max-steps", type=int, default=4000, help="train.py --max-steps of each generator")
     p.add_argument("--train-batch-size", type=int, default=32, help="train.py --batch-size of each generator")
     p.add_argument("--balance", default="none", help="train.py --balance of each generator")

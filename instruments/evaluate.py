@@ -435,7 +435,8 @@ def main(argv=None):
     (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it: once the input is good
     print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)} (the reference classifier learns from {ref.sum()}, "
           f"the real pool holds {len(y_po)}), synthetic {len(xs)}, size {args.size}, device {dev}")
-    R = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte), "n_synthetic": len(xs),
+    report = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte),
+                           "n_synthetic": len(xs),
                       "n_reference": ref.sum(), "n_pool": len(y_po)}}
 
     # ---- 1. reference classifier, trained on real train films only: the ceiling for everything below
@@ -445,7 +446,7 @@ def main(argv=None):
     (p_tr, f_tr), (p_va, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
     mu, scale = f_tr[ref].mean(0), np.sqrt(f_tr[ref].var(0).mean())  # centred, in units of their spread on what
     f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # it learnt: KID's kernel needs O(1)
-    R["classifier"] = {"cached": cached, "macro_auc": class_scores(p_te, yte, args.specificity)[0, -1]}
+    report["classifier"] = {"cached": cached, "macro_auc": class_scores(p_te, yte, args.specificity)[0, -1]}
 
     # ---- 2. memorization: each synthetic image's nearest training image by feature cosine and by pixel correlation,
     # flagged when closer than all but MIN_PCT% of real test images are (no patient is in two splits: not copied)
@@ -454,7 +455,7 @@ def main(argv=None):
     cos_te, r_te = nearest(unit_rows(f_te, 0), uf_tr, dev)[0], nearest(px_te, px_tr, dev)[0]
     thr_cos, thr_r = np.percentile(cos_te, 100 - MIN_PCT), np.percentile(r_te, 100 - MIN_PCT)
     flag = (cos_s > thr_cos) | (r_s > thr_r)
-    R["memorization"] = {"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r, "flagged": flag.sum()}
+    report["memorization"] = {"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r, "flagged": flag.sum()}
     mem = ps[["path", "label"]].assign(nearest_train_feature=itr[jf], feature_cosine=cos_s.round(5),
                                        nearest_train_pixel=itr[jp], pixel_corr=r_s.round(5), flagged=flag.astype(int))
     replace_file(out / "memorization.csv", lambda tmp: mem.to_csv(tmp, index=False))
@@ -468,18 +469,20 @@ def main(argv=None):
     share = lambda hit: hit.mean() if len(hit) else np.nan
     div = lambda a, b: (diversity(a, args.max_n, rng) / diversity(b, args.max_n, rng)  # synthetic over real
                         if min(len(a), len(b)) > 1 else np.nan)
-    P, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
+    per_class, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
     for c, name in enumerate(classes):
         s, r = ys == c, y_po == c  # this class's synthetic films and real pool films
         if s.any() or r.any():
             d = matched_realism(f_s[s], f_po[r], t_s[s], t_po[r], groups[r], args.repeats, args.max_n, rng)
-            P[name] = {"n_synthetic": s.sum(), "n_real": r.sum(), "n_drawn": min(s.sum(), r.sum() // 2, args.max_n),
+            per_class[name] = {"n_synthetic": s.sum(), "n_real": r.sum(),
+                               "n_drawn": min(s.sum(), r.sum() // 2, args.max_n),
                        "fidelity": share(hit_s[s]), "accuracy": share(hit_po[r]), **realism(d),
                        "diversity_features": div(f_s[s], f_po[r]), "diversity_pixels": div(px_s[s], px_po[r]),
                        "memorized": flag[s].sum(), "noise_like": noisy[s].sum()}
             draws += [] if np.isnan(d).any() else [d]
-    scored = [d for d in P.values() if d["n_synthetic"] and d["n_real"]]  # a mean over these classes
-    R["per_class"], R["summary"] = P, {"n_synthetic": len(xs), "n_real": len(y_po), "memorized": flag.sum(),
+    scored = [d for d in per_class.values() if d["n_synthetic"] and d["n_real"]]  # a mean over these classes
+    report["per_class"] = per_class
+    report["summary"] = {"n_synthetic": len(xs), "n_real": len(y_po), "memorized": flag.sum(),
                                        "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])
                                        for k in ("fidelity", "accuracy", "diversity_features", "diversity_pixels")},
                                        **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
@@ -487,10 +490,10 @@ def main(argv=None):
     save_rows_png([[(xs[i], f"synthetic {classes[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
                     (xtr[jp[i]], f"train {itr[jp[i]]} r={r_s[i]:.3f}")] for i in order], out / "closest_pairs.png", 200)
     save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
-                   for c, n in enumerate(classes) if n in P], out / "grid.png", 128)
+                   for c, n in enumerate(classes) if n in per_class], out / "grid.png", 128)
 
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
-    R["utility"] = None
+    report["utility"] = None
     if not args.no_utility:
         seeds = [args.seed + k for k in range(args.utility_seeds)]
         keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
@@ -499,14 +502,15 @@ def main(argv=None):
                 len(xtr)), **({"synth": (xk, yk, None)} if len(np.unique(yk)) > 1 else {})}  # diff: [1] - [0]
         probs = {m: [predict(fit(x, y, xva, yva, args, "real" if m == "train" else m, out, sd, digests, n)[0], xte, B,
                              dev)[0] for sd in seeds] for m, (x, y, n) in sets.items()}
-        R["settings"]["n_synthetic_used"] = int(keep.sum())
-        R["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
+        report["settings"]["n_synthetic_used"] = int(keep.sum())
+        report["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
                         **bootstrap_auc(probs, yte, args.n_boot, args.seed, classes, args.specificity)}
 
     # ---- 5. report: report.json, and report.md with the headline table first
-    R = clean({**R, "seconds": time.time() - t_start})
-    replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(R, indent=2)))
-    P, S, M, n = R["per_class"], R["summary"], R["memorization"], R["settings"]
+    report = clean({**report, "seconds": time.time() - t_start})
+    replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    per_class, summary, counts = report["per_class"], report["summary"], report["settings"]
+    memo = report["memorization"]
     table = lambda header, rows: "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                                            + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
     num = lambda v, digits=3: "-" if v is None else f"{v:.{digits}f}"
@@ -520,17 +524,19 @@ def main(argv=None):
                            pair(d["kid"], 1e3, 1),
                            f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
                            d["memorized"]]
-    md = [f"# Synthetic CXR evaluation\n\n{n['n_synthetic']} synthetic images ({args.samples}) vs real {args.data_dir} "
-          f"(train/val/test {n['n_train']}/{n['n_val']}/{n['n_test']}), {args.size} px, seed {args.seed}. "
-          f"The reference classifier learnt from {n['n_reference']} train films (macro AUC on real test films "
-          f"{num(R['classifier']['macro_auc'])}); the real pool, what every figure below compares with, holds the "
-          f"{n['n_pool']} others: the rest of train, val and test.\n",
+    md = [f"# Synthetic CXR evaluation\n\n{counts['n_synthetic']} synthetic images ({args.samples}) vs real "
+          f"{args.data_dir} (train/val/test {counts['n_train']}/{counts['n_val']}/{counts['n_test']}), {args.size} px, "
+          f"seed {args.seed}. "
+          f"The reference classifier learnt from {counts['n_reference']} train films (macro AUC on real test films "
+          f"{num(report['classifier']['macro_auc'])}); the real pool, what every figure below compares with, holds the "
+          f"{counts['n_pool']} others: the rest of train, val and test.\n",
           table(["class", "synthetic / real pool (n drawn)", "label fidelity: synthetic / real", "realism: FD ratio",
                  "texture: grain ratio [95%]: synthetic / floor", "grainy films % [95%]: synthetic / floor",
                  "gradient ratio [95%]", "FD [95%]: synthetic / floor",
                  "KID x1000 [95%]: synthetic / floor",
                  "diversity / real (features, pixels)", "noise-like", "memorized"],
-                [row(name, d) for name, d in P.items()] + [row("**mean over classes**", S)]) + "\nHow to read it:",
+                [row(name, d) for name, d in per_class.items()] + [row("**mean over classes**", summary)])
+          + "\nHow to read it:",
           "- **label fidelity**: share of images the classifier calls their class; real: that of the real pool.",
           f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
           f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
@@ -543,23 +549,26 @@ def main(argv=None):
           "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
           f"- **noise-like**: grainier than {GRAIN_X:g}x the grainiest real film: noise, not a film. Should be 0.",
           f"- **memorized**: nearer a training image than all but {MIN_PCT:g}% of real test images (feature cosine > "
-          f"{num(M['threshold_feature_cosine'], 4)} or pixel r > {num(M['threshold_pixel_corr'], 4)}): ~{MIN_PCT:g}% "
+          f"{num(memo['threshold_feature_cosine'], 4)} or pixel r > {num(memo['threshold_pixel_corr'], 4)}): "
+          f"~{MIN_PCT:g}% "
           "even of new images. See closest_pairs.png and memorization.csv.\n"]
-    if U := R["utility"]:
+    if utility := report["utility"]:
         pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
         md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
-               f"resamples of the test images and {U['seeds']} training seeds per classifier; "
-               f"{n['n_synthetic_used']} of the {n['n_synthetic']} synthetic images used (--filter {args.filter}).\n",
+               f"resamples of the test images and {utility['seeds']} training seeds per classifier; "
+               f"{counts['n_synthetic_used']} of the {counts['n_synthetic']} synthetic images used "
+               f"(--filter {args.filter}).\n",
                table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic",
                       f"sensitivity at specificity {args.specificity:g}: real / + synthetic / gain"],
-                     [[c] + [ci(pick(U[m][c], "auc"), 1, 3) if m in U else "-" for m in ("train", "train+synth",
-                                                                                          "synth", "diff")]
-                      + [" / ".join(ci(pick(U[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
-                      for c in list(P) + ["macro"] if U["train"][c]["auc"] is not None])]
+                     [[c] + [ci(pick(utility[m][c], "auc"), 1, 3) if m in utility else "-"
+                             for m in ("train", "train+synth", "synth", "diff")]
+                      + [" / ".join(ci(pick(utility[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
+                      for c in list(per_class) + ["macro"] if utility["train"][c]["auc"] is not None])]
     replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
     print("\n".join(md))
-    print(f"evaluate.py: {R['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv to {out}")
-    return R
+    print(f"evaluate.py: {report['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv "
+          f"to {out}")
+    return report
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import torch
 import bench
 import model
 
+pytestmark = pytest.mark.slow  # every test runs the instrument whole
+
 QUICK = ["--quick", "--device", "cpu", "--timed-steps", "1", "--png-images", "2", "--ddpm-steps", "2"]
 
 

@@ -10,6 +10,8 @@ import curve
 import train
 from test_train import TINY, make_data
 
+pytestmark = pytest.mark.slow  # every test runs the instrument whole
+
 
 # the reference classifier trained for a few steps: the plumbing, not the numbers
 FAST_EVALUATE = ["--evaluate-args", "--width 8 --epochs 1 --epoch-steps 5 --repeats 5 --device cpu"]

@@ -113,14 +113,17 @@ class LinearEps(torch.nn.Module):
         return UNet2DOutput(sample=0.1 * x + k)
 
 
+EPS = model.make_schedule("epsilon")  # LinearEps outputs eps
+
+
 @pytest.mark.parametrize("w", [0.0, 2.5])
 def test_guidance_is_eps_null_plus_w_times_eps_cond_minus_eps_null(w):
     labels = torch.tensor([0, 4, 5])
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
-    guided = model.sample(LinearEps(), labels, "ddim", 10, guidance=w, generators=gens())
-    by_hand = model.sample(LinearEps(guided_w=w), labels, "ddim", 10, guidance=1.0, generators=gens())
+    guided = model.sample(LinearEps(), labels, "ddim", 10, guidance=w, generators=gens(), schedule=EPS)
+    by_hand = model.sample(LinearEps(guided_w=w), labels, "ddim", 10, guidance=1.0, generators=gens(), schedule=EPS)
     assert torch.allclose(guided, by_hand, atol=1e-5)
-    plain = model.sample(LinearEps(), labels, "ddim", 10, guidance=1.0, generators=gens())
+    plain = model.sample(LinearEps(), labels, "ddim", 10, guidance=1.0, generators=gens(), schedule=EPS)
     assert (guided - plain).abs().max() > 1e-3  # guidance changed the images
 
 
@@ -163,7 +166,8 @@ class GaussianEps(torch.nn.Module):
     M, S = 0.1, 0.3
     config = UNet2DModel(sample_size=16, block_out_channels=(8,), down_block_types=("DownBlock2D",),
                          up_block_types=("UpBlock2D",), norm_num_groups=8, layers_per_block=1, num_class_embeds=7).config
-    alpha_bar = model.make_schedule().alphas_cumprod
+    schedule = model.make_schedule("epsilon")  # what sample() is told the model outputs
+    alpha_bar = schedule.alphas_cumprod
 
     def forward(self, x, t, class_labels):
         a = self.alpha_bar[int(t)]
@@ -188,7 +192,7 @@ class GaussianV(GaussianEps):
     (GaussianV, "ddim-2m", 25, 0.97, 0), (GaussianV, "ddim-2m", 10, 0.9, 0), (GaussianV, "ddim", 50, 0.8, 0),
     (GaussianV, "ddpm", 1000, 0.97, 0), (GaussianV, "ddim-2m", 50, 0.97, 1)])
 def test_samplers_draw_the_mean_and_spread_of_a_known_gaussian(oracle, sampler, steps, lo, eta):
-    x = model.sample(oracle(), torch.zeros(64, dtype=torch.long), sampler, steps, schedule=getattr(oracle, "schedule", None),
+    x = model.sample(oracle(), torch.zeros(64, dtype=torch.long), sampler, steps, schedule=oracle.schedule,
                      eta=eta)  # eta: fresh noise at mid t, which a perfect denoiser takes out again
     assert x.mean().item() == pytest.approx(GaussianEps.M, abs=0.01)
     assert lo * GaussianEps.S < x.std().item() < 1.07 * GaussianEps.S  # blurred at worst, never much noisier than the data
@@ -197,7 +201,8 @@ def test_samplers_draw_the_mean_and_spread_of_a_known_gaussian(oracle, sampler, 
 
 def test_the_default_sampler_keeps_the_spread_that_ddim_loses_at_the_same_calls():
     # first-order DDIM ends each few-step run on a posterior mean: its images come out grey and flat
-    spread = lambda s, n: model.sample(GaussianEps(), torch.zeros(64, dtype=torch.long), s, n).std().item()
+    spread = lambda s, n: model.sample(GaussianEps(), torch.zeros(64, dtype=torch.long), s, n,
+                                       schedule=GaussianEps.schedule).std().item()
     for steps in (10, 25):
         assert abs(spread("ddim-2m", steps) - GaussianEps.S) < 0.5 * abs(spread("ddim", steps) - GaussianEps.S)
 

@@ -210,6 +210,7 @@ def test_tiny_model_overfits_and_writes_the_run_folder(tmp_path):
     assert sd_equal(exported.state_dict(), ckpt["ema"])
 
 
+@pytest.mark.slow
 def test_train_and_val_loss_read_on_the_same_footing(tmp_path):
     """The val loss is the training loss (Min-SNR weights, eps or v target) on val images: with the weights frozen
     (--lr 0) and the training images as val, the two agree up to sampling noise (~10% here). A plain eps-MSE on val
@@ -265,6 +266,7 @@ def test_resume_after_a_crash_logs_each_step_once_and_lets_the_loaded_checkpoint
     assert refs and freed == [True, True]
 
 
+@pytest.mark.slow
 def test_lr_and_warmup_defaults_follow_the_preset_and_run_length(tmp_path):
     """Defaults chosen by the sweep: the preset's peak LR, warmup max-steps/80 capped at 1000; kept on --resume."""
     data = make_data(tmp_path / "data")
@@ -360,6 +362,7 @@ def test_bad_input_is_one_line_error(tmp_path, case, flags, message):
 # processes: DDP on CPU (gloo) and SIGTERM
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights_and_one_set_of_outputs(tmp_path):
     data, out = make_data(tmp_path / "d"), tmp_path / "run"
     with socket.socket() as s:
@@ -389,6 +392,7 @@ def test_two_process_ddp_ends_with_identical_weights_and_one_set_of_outputs(tmp_
     assert model.load_checkpoint(str(out))["samples_seen"] == 3 * 4 * 2 * 2  # steps x batch x accum x ranks
 
 
+@pytest.mark.slow
 def test_sigterm_twice_mid_run_saves_the_step_reached_and_exits_0(tmp_path):
     """SLURM signals the job step and torchrun forwards it: a second SIGTERM must not abort (only a 2nd Ctrl-C may)."""
     data, out = make_data(tmp_path / "d"), tmp_path / "run"
@@ -452,6 +456,7 @@ def train_stop_resume(tmp_path, monkeypatch, *flags):
     return a, b, unet
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
     dtypes, real_build_unet = [], train.build_unet
 
@@ -471,6 +476,7 @@ def test_bf16_autocast_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.__version__ < (2, 4), reason="fused AdamW on a CPU needs torch >= 2.4 (train.py says so)")
+@pytest.mark.slow
 def test_fast_path_channels_last_and_fused_adamw_on_the_cpu_trains_and_resumes(tmp_path, monkeypatch):
     a, b, unet = train_stop_resume(tmp_path, monkeypatch, "--fast-path")
     assert all(g["fused"] for ckpt in (a, b) for g in ckpt["optimizer"]["param_groups"])
