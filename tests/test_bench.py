@@ -31,7 +31,8 @@ def test_quick_bench_measures_every_part_and_writes_bench_json(tmp_path, monkeyp
         (8, "fp32 eager", "fp32"), (8, "+ autocast", "bf16 autocast"), (8, "+ channels_last", "bf16 autocast"),
         (8, "+ fused AdamW", "bf16 autocast")]
     layouts = [u.conv_out.weight.is_contiguous() for u in built[1:5]]  # built[0] counts the FLOPs, built[5] samples
-    assert layouts == [True, True, False, False] and fused == [None, None, None, True]
+    cpu_fused = True if torch.__version__ >= (2, 4) else None  # fused AdamW on a CPU came with torch 2.4
+    assert layouts == [True, True, False, False] and fused == [None, None, None, cpu_fused]
     assert calls == ["target", "ema"] * 4 * (1 + 2)  # train.py's whole step, EMA too: 4 rows x (warm-up + 2 timed)
     for r in report["train"]:
         assert math.isclose(r["img_s"], 8 / (r["ms_per_step"] / 1e3))
