@@ -397,6 +397,7 @@ def main(argv=None):
     # ---- the loop ----
     g = torch.Generator(device)  # t, eps and label dropout; reseeded from (seed, micro-step, rank) each micro-step
     loss_sum = torch.zeros((), device=device)  # the loss stays on the device: no sync per step
+    null = null_label(unet)  # the class id a dropped label becomes
     batches, done, t_last = iter(loader), start, time.time()  # train_s: the training steps' seconds, no saves or evals
     logged = start, seen, train_s  # at the last log line, for the mean loss and img/s since
     due = lambda every: every > 0 and done % every == 0  # an --*-every of 0 turns the activity off
@@ -410,7 +411,7 @@ def main(argv=None):
             g.manual_seed(args.seed * 1_000_003 + (step * args.grad_accum + micro) * world + rank)
             t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), generator=g, device=device)  # (B,) uniform
             eps = torch.randn(x0.shape, generator=g, device=device)  # (B, 1, H, W)
-            y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g, null_label(unet))
+            y = drop_labels(y.to(device, non_blocking=True), args.cond_drop, g, null)
             # DDP averages the gradients on the last micro-batch only
             with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else nullcontext():
                 loss = loss_per_image(model, x0, eps, t, y).mean()

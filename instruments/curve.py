@@ -76,7 +76,7 @@ def score(args):
             "--guidance", args.guidance, "--batch-size", args.batch_size,
             *(["--steps", args.steps] if args.steps else []), *[a for c in classes for a in ("--class", c)])
         report = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
-                      "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
+                           "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
         ckpt = load_checkpoint(snap)  # step and training seconds
         per_class = report["per_class"]
         seconds = ckpt["step"] * args.seconds_per_step if args.seconds_per_step else ckpt["time_s"]
@@ -200,9 +200,9 @@ def rare(args):
             run("sample.py", "--ckpt", gen, "--class", args.rare, "--n", n, "--guidance", args.guidance,
                 "--out", samples, "--overwrite", "--batch-size", args.batch_size)
         report = evaluated("--data-dir", os.path.join(base, "data"), "--samples", samples, "--size", size,
-                      "--out", os.path.join(base, "report"), "--utility-seeds", args.utility_seeds,
-                      "--specificity", args.specificity, "--synthetic-share", args.synthetic_share,
-                      "--filter", args.filter, *shlex.split(args.evaluate_args))
+                           "--out", os.path.join(base, "report"), "--utility-seeds", args.utility_seeds,
+                           "--specificity", args.specificity, "--synthetic-share", args.synthetic_share,
+                           "--filter", args.filter, *shlex.split(args.evaluate_args))
         utility, per_class = report["utility"], report["per_class"][args.rare]
         rows.append({"k": n_real, "n_setting": args.n_synthetic, "n_synthetic": report["settings"]["n_synthetic_used"],
                      "guidance": args.guidance,
