@@ -106,7 +106,7 @@ def parse_findings(labels, csv="", extra=()):
     canon = [norm(f) for f in [*FINDINGS, *extra]]
     U = np.zeros((len(uniq), len(canon)), dtype=np.int64)
     for i, s in enumerate(uniq):
-        for tok in s.split("|"):
+        for tok in s.split("|") if s.strip() else []:  # an empty label: no finding set, an unlabelled film
             if norm(tok) not in canon:
                 raise SystemExit(f"{ERR} --csv {csv}: unknown finding '{tok}'")
             U[i, canon.index(norm(tok))] = 1
@@ -115,11 +115,13 @@ def parse_findings(labels, csv="", extra=()):
 
 def select_classes(df, M, column_class, columns=FINDINGS):
     """NIH layout: keep rows whose whole label set is one finding (a column of M) of a class (column_class: class_id
-    per column, -1 for none) -> image_index, patient_id, labels (that finding), class_id, the finding columns."""
-    class_id = np.asarray(column_class)[M.argmax(1)]
-    keep = (M.sum(1) == 1) & (class_id >= 0)
-    out = df.loc[keep, ["image_index", "patient_id"]].assign(labels=np.array(columns)[M.argmax(1)][keep],
-                                                             class_id=class_id[keep])
+    per column, -1 for none), and the unlabelled ones (an empty label: class_id -1) -> image_index, patient_id, labels
+    (that finding), class_id, the finding columns."""
+    unlabelled = M.sum(1) == 0
+    class_id = np.where(unlabelled, -1, np.asarray(column_class)[M.argmax(1)])
+    keep = ((M.sum(1) == 1) & (class_id >= 0)) | unlabelled
+    labels = np.where(unlabelled, "", np.array(columns)[M.argmax(1)])
+    out = df.loc[keep, ["image_index", "patient_id"]].assign(labels=labels[keep], class_id=class_id[keep])
     out[list(columns)] = M[keep]
     return out.sort_values("image_index", kind="stable").reset_index(drop=True)
 
@@ -142,7 +144,7 @@ def read_plain(csv):
         if col not in df.columns:
             raise SystemExit(f"{ERR} --csv {csv}: no column '{col}' (a plain label file has image, label and "
                              f"optionally patient; NIH's has Image Index, Finding Labels, Patient ID)")
-    for col in ("image", "label") + (("patient",) if "patient" in df.columns else ()):
+    for col in ("image",) + (("patient",) if "patient" in df.columns else ()):  # an empty label: an unlabelled film
         if (empty := np.flatnonzero(df[col].str.strip() == ""))[:1].size:
             raise SystemExit(f"{ERR} --csv {csv}: row {empty[0] + 2}: empty '{col}'")
     image = df["image"].str.strip()
@@ -183,8 +185,10 @@ def split_patients(df, seed=0):
     Greedy: patients go rarest class first, larger patients first (shuffled among equals), each to the split
     with the largest relative image deficit. Depends only on the label rows and the seed."""
     pids, inv = np.unique(df["patient_id"].to_numpy(), return_inverse=True)
-    V = np.zeros((len(pids), df["class_id"].max() + 1))  # (P, C) images per patient and class
-    np.add.at(V, (inv, df["class_id"].to_numpy()), 1)
+    cid = df["class_id"].to_numpy()
+    cid = np.where(cid < 0, cid.max() + 1, cid)  # unlabelled films (class_id -1): a column of their own, split alike
+    V = np.zeros((len(pids), cid.max() + 1))  # (P, C) images per patient and class
+    np.add.at(V, (inv, cid), 1)
     total = V.sum(0)  # (C,)
     stratum = np.where(V > 0, total, np.inf).argmin(1)  # each patient's rarest class
     order = np.random.default_rng(seed).permutation(len(pids))
@@ -433,8 +437,9 @@ def main(argv=None):
         if source == "csv":
             df, _, n_dup = drop_duplicates(raw, raw[["labels"]].to_numpy(), args.csv, "patient or label")
         df = df.assign(class_id=df["labels"].map(norm).map(labels).fillna(-1).astype(np.int64))
-        meta, unlisted = df[df.class_id >= 0].sort_values("image_index", kind="stable").reset_index(drop=True), \
-            df[df.class_id < 0]
+        unlabelled = df["labels"] == ""  # kept with class_id -1: they train the generator's null condition only
+        meta, unlisted = df[(df.class_id >= 0) | unlabelled].sort_values("image_index", kind="stable").reset_index(
+            drop=True), df[(df.class_id < 0) & ~unlabelled]
         if len(unlisted) and not args.drop_unlisted:
             counts = unlisted["labels"].value_counts()
             raise SystemExit(f"{ERR} {args.csv or args.images}: {len(unlisted)} films labelled with no class of "
@@ -444,7 +449,7 @@ def main(argv=None):
             print("no patient ids: every film counts as its own patient. If patients have several films, they can "
                   "land in two splits (leakage): give the label file a patient column, or --patient-regex")
         what = "labelled films"
-    meta["label"] = np.array(names)[meta["class_id"]] if len(meta) else ""
+    meta["label"] = np.array(names + [""])[meta["class_id"]] if len(meta) else ""  # class_id -1: "" (unlabelled)
     explicit = args.classes != p.get_default("classes")  # a user's own list must be learnable as a whole
     for c, name in enumerate(names):
         n, pts = (meta.class_id == c).sum(), meta.loc[meta.class_id == c, "patient_id"].nunique()
@@ -454,14 +459,16 @@ def main(argv=None):
                              f"split into train, val and test needs at least 3 patients")
         elif why:
             print(f"class '{name}' has {why}: not every split will hold it")
-    if len(meta) == 0:
+    if (meta.class_id >= 0).sum() == 0:
         raise SystemExit(f"{ERR} {args.csv or args.images}: no film labelled with one of {names}")
     meta["split"] = split_patients(meta, args.seed)
     assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
     assert meta["image_index"].is_unique, "an image is in two splits"  # or twice in one: never written
-    print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta)} {what} of "
-          f"{meta.patient_id.nunique()} patients" + (f" ({len(unlisted)} of other labels dropped: unlisted.csv)"
-                                                     if len(unlisted) else ""))
+    n_unl = (meta.class_id < 0).sum()
+    print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta) - n_unl} {what}"
+          + (f" and {n_unl} unlabelled (an empty label: for the generator's null condition only)" if n_unl else "")
+          + f" of {meta.patient_id.nunique()} patients" + (f" ({len(unlisted)} of other labels dropped: unlisted.csv)"
+                                                           if len(unlisted) else ""))
 
     # ---- resolve paths; missing images are dropped, counted and listed ----
     if source != "folders":  # a file name found anywhere under --images, or (a plain CSV) a path under it
@@ -526,10 +533,12 @@ def main(argv=None):
     replace_file(os.path.join(out, "metadata.parquet"), lambda tmp: pq.write_table(table, tmp))
     replace_file(os.path.join(out, "prepare.json"), lambda tmp: Path(tmp).write_text(json.dumps(stamp, indent=1)))
 
-    img = pd.crosstab(meta.label, meta.split).reindex(index=names, columns=SPLITS, fill_value=0)
-    pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=names, columns=SPLITS)
+    rows = names + ([""] if (meta.class_id < 0).any() else [])  # "": the unlabelled films
+    img = pd.crosstab(meta.label, meta.split).reindex(index=rows, columns=SPLITS, fill_value=0)
+    pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=rows, columns=SPLITS)
     share = (100 * img.div(img.sum(axis=1).clip(lower=1), axis=0)).round(1)
-    print(pd.concat({"images": img, "patients": pat.fillna(0).astype(int), "share %": share}, axis=1).to_string())
+    print(pd.concat({"images": img, "patients": pat.fillna(0).astype(int), "share %": share}, axis=1)
+          .rename(index={"": "(unlabelled)"}).to_string())
     print(f"total: {len(meta)} images, {meta.patient_id.nunique()} patients -> {out}")
 
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from model import DEFAULT_GUIDANCE, HelpFormatter, classes_of, load_checkpoint, replace_file
 
 FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # >= 0.9 x real; FD <= 3 x the floor
+NO_ROOM = 0.02  # --rare: a ceiling gap (AUC) under this is "no room": nothing for synthetic films to close
 GRAINY_REAL = 5  # % of real films evaluate.py calls grainy (its GRAINY_Q = 95): where a generator's line belongs
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
@@ -163,16 +164,21 @@ def plot(csvs, labels, out):
 # --rare: does augmenting a rare class with synthetic films help a classifier on real test films?
 
 
-def cut_rare(data_dir, out, rare, k, seed):
+def cut_rare(data_dir, out, rare, k, seed, pool):
     """data_dir with the rare class's training films cut to k, drawn at random; val, test and the cache untouched.
-    -> (films of the rare class kept, films of the largest other class)"""
+    pool "cut": the films cut away stay in train.csv with their label hidden (empty, class_id -1), as the films a
+    hospital has without that label: the generator learns them as its null condition, the pseudo-label baseline
+    labels them; no classifier sees their labels. -> (films of the rare class kept, films of the largest other class)"""
     df = pd.read_csv(os.path.join(data_dir, "train.csv"))
     rows = df.index[df["label"] == rare]
     if k != "all" and not (k.isdigit() and 1 <= int(k) <= len(rows)):
         raise SystemExit(f"curve.py: error: --k {k}: a number from 1 to {len(rows)} ({rare} training films), or all")
     keep = rows if k == "all" else np.random.default_rng(seed).choice(rows, int(k), replace=False)
+    cut = rows.difference(keep)
+    df = df.drop(cut) if pool == "none" else df.assign(label=df["label"].mask(df.index.isin(cut)),
+                                                       class_id=df["class_id"].mask(df.index.isin(cut), -1))
     os.makedirs(out, exist_ok=True)
-    replace_file(os.path.join(out, "train.csv"), lambda tmp: df.drop(rows.difference(keep)).to_csv(tmp, index=False))
+    replace_file(os.path.join(out, "train.csv"), lambda tmp: df.to_csv(tmp, index=False))
     for name in ("val.csv", "test.csv", "cache.npy", "prepare.json"):  # the same films, cache rows, class names
         if os.path.exists(os.path.join(data_dir, name)) and not os.path.lexists(os.path.join(out, name)):
             os.symlink(os.path.abspath(os.path.join(data_dir, name)), os.path.join(out, name))
@@ -189,8 +195,8 @@ def rare(args):
     run_tag = f"run-{args.balance}-{args.max_steps}"  # the generator's settings; sample/evaluate settings below
     rows = []
     for k in args.k:
-        base = os.path.join(args.out_dir, f"k{k}")
-        n_real, n_other = cut_rare(args.data_dir, os.path.join(base, "data"), args.rare, k, args.seed)
+        base = os.path.join(args.out_dir, f"k{k}" + ("" if args.pool == "none" else f"-pool-{args.pool}"))
+        n_real, n_other = cut_rare(args.data_dir, os.path.join(base, "data"), args.rare, k, args.seed, args.pool)
         gen = os.path.join(base, run_tag)
         run("train.py", "--data-dir", os.path.join(base, "data"), "--out-dir", gen, "--resume", "--max-steps",
             args.max_steps, "--batch-size", args.train_batch_size, "--balance", args.balance)
@@ -202,25 +208,37 @@ def rare(args):
         report = evaluated("--data-dir", os.path.join(base, "data"), "--samples", samples, "--size", size,
                            "--out", os.path.join(base, "report"), "--utility-seeds", args.utility_seeds,
                            "--specificity", args.specificity, "--synthetic-share", args.synthetic_share,
-                           "--filter", args.filter, *shlex.split(args.evaluate_args))
+                           "--filter", args.filter, "--baselines", "--ceiling", args.data_dir,
+                           *shlex.split(args.evaluate_args))
         utility, per_class = report["utility"], report["per_class"][args.rare]
-        rows.append({"k": n_real, "n_setting": args.n_synthetic, "n_synthetic": report["settings"]["n_synthetic_used"],
+        best = {"best baseline": utility["best"][args.rare]["baseline"],
+                "best synthetic": utility["best"][args.rare]["synthetic"]}  # the arms, by point AUC on the test films
+        arms = [*utility["baselines"], *utility["synthetic"], "ceiling", "diff", "gain", "gap"]
+        rows.append({"k": n_real, "pool": args.pool, "n_setting": args.n_synthetic, "n_synthetic": report["settings"]["n_synthetic_used"],
                      "guidance": args.guidance,
                      "synthetic_share": args.synthetic_share, "filter": args.filter, "generator": run_tag,
                      "fidelity": per_class["fidelity"], "fd_ratio": per_class["fd_ratio"],
                      "memorized": per_class["memorized"] / per_class["n_synthetic"],
-                     **{f"{m} {q}{end}": utility[m][args.rare][q + end] for m in ("train", "train+synth", "diff")
+                     **best, "n_pseudo": report["settings"].get("n_pseudo", {}).get(args.rare, 0),
+                     **{f"{m} {q}{end}": utility[m][args.rare][q + end] for m in arms
+                        for q in ("auc", "sens") for end in ("", "_lo", "_hi")},
+                     **{f"{name} {q}{end}": utility[best[name]][args.rare][q + end] for name in best
                         for q in ("auc", "sens") for end in ("", "_lo", "_hi")}})
+        gap = rows[-1]["gap auc"]  # the share of the ceiling gap the synthetic films close; "no room" under 0.02
+        rows[-1]["share closed"] = rows[-1]["gain auc"] / gap if gap >= NO_ROOM else np.nan
     table, path = pd.DataFrame(rows), os.path.join(args.out_dir, "rare.csv")
-    keys = ["k", "generator", "guidance", "n_setting", "synthetic_share", "filter"]  # a row per k and settings
+    keys = ["k", "pool", "generator", "guidance", "n_setting", "synthetic_share", "filter"]  # a row per k and settings
     old = pd.read_csv(path) if os.path.exists(path) else table.iloc[:0]
     old = old[~old.set_index(keys).index.isin(table.set_index(keys).index)]  # rows of other settings stay
     replace_file(path, lambda tmp: pd.concat([old, table]).to_csv(tmp, index=False))
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    show = ["k", "pool", "memorized", "best baseline", "best baseline auc", "best synthetic auc", "ceiling auc",
+            "gain auc", "gain auc_lo", "gain auc_hi", "gap auc", "share closed"]
+    print(table[show].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     bars = lambda m: {q: (table[f"{m} {q}_lo"], table[f"{m} {q}_hi"]) for q in ("auc", "sens")}
-    lines = [(name, table["k"], {q: table[f"{m} {q}"] for q in ("auc", "sens")}, bars(m))
-             for name, m in (("real", "train"), ("real + synthetic", "train+synth"))]
-    low = np.nanmin(table[[f"{m} {q}_lo" for m in ("train", "train+synth") for q in ("auc", "sens")]].to_numpy())
+    drawn = (("best cheap baseline", "best baseline"), ("best with synthetic films", "best synthetic"),
+             ("ceiling: every real film", "ceiling"))
+    lines = [(name, table["k"], {q: table[f"{m} {q}"] for q in ("auc", "sens")}, bars(m)) for name, m in drawn]
+    low = np.nanmin(table[[f"{m} {q}_lo" for _, m in drawn for q in ("auc", "sens")]].to_numpy())
     low = min(0.9, max(0.0, np.floor(10 * low) / 10)) if np.isfinite(low) else 0.0
     chart(lines, [(f"{args.rare}: AUC on real test films", "auc", low, 1.0, False, None),
                   (f"{args.rare}: sensitivity at specificity {args.specificity:g}", "sens", low, 1.0, False, None)],
@@ -260,6 +278,8 @@ def main(argv=None):
     p.add_argument("--filter", default="none", help="evaluate.py --filter")
     p.add_argument("--specificity", type=float, default=0.9, help="evaluate.py --specificity")
     p.add_argument("--utility-seeds", type=int, default=3, help="evaluate.py --utility-seeds")
+    p.add_argument("--pool", default="none", choices=["none", "cut"], help="cut: the rare films cut away stay, "
+                   "unlabelled: the generator's null condition learns them, the pseudo-label baseline labels them")
     p.add_argument("--seed", type=int, default=0, help="which k films are kept")
     args = p.parse_args(argv)
     if args.plot:

@@ -33,6 +33,9 @@ MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of r
 CHUNK = 4096  # images per chunk when resizing or reducing a whole split: memory stays flat at NIH scale
 GRAIN_X = 1.5  # noise-like: more grain than GRAIN_X times the grainiest real film of the pool
 GRAINY_Q = 95  # grainy: more grain than this percentile of real films (5% of real films are; the mean hides a tail)
+PSEUDO_CONF = 0.9  # pseudo-label baseline: an unlabelled film joins with the class the real classifier gives it this sure
+AUG_DEG, AUG_SCALE, AUG_SHIFT, AUG_LEVEL = 5.0, 0.1, 0.05, 0.1  # safe augmentation: degrees, +-scale, +-shift (of the
+# film), +-brightness and contrast (of the [-1, 1] range); never a flip: laterality is anatomy
 
 
 def die(msg):
@@ -42,10 +45,10 @@ def die(msg):
 # -----------------------------------------------------------------------------
 # data: real splits from cache.npy (or PNGs), synthetic images from manifest.csv
 
-def load(csv, size, workers, missing, empty, classes):
-    """train/val/test.csv or manifest.csv -> x (N, size, size) uint8, y (N,) int64 (the label's index in classes),
-    the table. The images come from cache.npy beside the csv where every row has a cache_row, else from the PNGs
-    (relative paths: from the csv)."""
+def load(csv, size, workers, missing, empty, classes, unlabelled=False):
+    """train/val/test.csv or manifest.csv -> x (N, size, size) uint8, y (N,) int64 (the label's index in classes; -1
+    for a film whose label is empty, where unlabelled), the table. The images come from cache.npy beside the csv where
+    every row has a cache_row, else from the PNGs (relative paths: from the csv)."""
     if not csv.exists():
         die(missing)
     df = pd.read_csv(csv)
@@ -53,9 +56,11 @@ def load(csv, size, workers, missing, empty, classes):
         die(f"{csv}: {empty}")
     for col in sorted({"label", "path"} - set(df.columns)):
         die(f"{csv}: no column '{col}'")
-    if unknown := sorted(set(df["label"].astype(str)) - set(classes)):
+    known = df["label"].notna() | (not unlabelled)  # an empty label: an unlabelled film (split files only)
+    if unknown := sorted(set(df["label"][known].astype(str)) - set(classes)):
         die(f"{csv}: unknown label '{unknown[0]}' (the classes of --data-dir: {', '.join(classes)})")
-    y = df["label"].astype(str).map(classes.index).to_numpy(np.int64)
+    y = df["label"].astype(str).map({c: i for i, c in enumerate(classes)}).where(df["label"].notna(), -1)
+    y = y.to_numpy(np.int64)
     resize = lambda im: np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0))  # as prepare_data.py
     cache = csv.parent / "cache.npy"
     if cache.exists() and "cache_row" in df.columns and (df["cache_row"] >= 0).all():
@@ -78,10 +83,15 @@ def load(csv, size, workers, missing, empty, classes):
         return np.stack(list(tqdm(x, total=len(df), desc=f"{csv.name} pngs", **bar_pace()))), y, df
 
 
-def load_split(data_dir, split, size, workers=0):
-    """-> x (N, size, size) uint8, y (N,) int64, the split's table"""
-    return load(Path(data_dir) / f"{split}.csv", size, workers, f"--data-dir {data_dir}: no {split}.csv (run "
-                "prepare_data.py first)", "empty split", classes_of(data_dir))
+def load_split(data_dir, split, size, workers=0, unlabelled=False):
+    """-> x (N, size, size) uint8, y (N,) int64, the split's table: its labelled films; unlabelled: then x (N', size,
+    size) of the films whose label is empty too (prepare_data.py keeps them for the generator's null condition)"""
+    x, y, df = load(Path(data_dir) / f"{split}.csv", size, workers, f"--data-dir {data_dir}: no {split}.csv (run "
+                    "prepare_data.py first)", "empty split", classes_of(data_dir), unlabelled=True)
+    if (y >= 0).sum() == 0:
+        die(f"--data-dir {data_dir}: {split}.csv has no labelled film")
+    labelled = x[y >= 0], y[y >= 0], df[y >= 0].reset_index(drop=True)
+    return (*labelled, x[y < 0]) if unlabelled else labelled
 
 
 def patients(df):  # (N,) str: the patient of each film; without patient ids, every film is its own patient
@@ -123,6 +133,19 @@ def predict(net, x, batch_size, device):
     return net[-1](f).softmax(1).cpu().double().numpy(), f.cpu().double().numpy()
 
 
+def augment(x, g):
+    """(B, 1, H, W) -> the same films, each turned, scaled and shifted a little, brighter or darker: what a film of
+    the same patient taken again may look like. Never flipped: the heart is on the left."""
+    u = lambda r: (2 * torch.rand(len(x), generator=g) - 1) * r  # (B,) uniform in [-r, r]
+    a, s = torch.deg2rad(u(AUG_DEG)), 1 + u(AUG_SCALE)
+    theta = torch.stack([torch.stack([a.cos() / s, -a.sin() / s, u(AUG_SHIFT)], 1),
+                         torch.stack([a.sin() / s, a.cos() / s, u(AUG_SHIFT)], 1)], 1).to(x.device)  # (B, 2, 3)
+    x = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), padding_mode="border",
+                      align_corners=False)
+    level = lambda: (1 + u(AUG_LEVEL)).view(-1, 1, 1, 1).to(x.device)
+    return (x * level() + level() - 1).clamp(-1, 1)  # contrast, then brightness
+
+
 def draw_weights(y, n_real, share, K):
     """(N,) chance of each image per draw: every class the same total (NIH is ~84% No Finding). Rows from n_real on
     are synthetic: with share > 0 they take that share of their class's draws, whatever their number."""
@@ -135,11 +158,14 @@ def draw_weights(y, n_real, share, K):
     return w / w.sum()
 
 
-def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
-    """Draws by draw_weights; keeps the epoch of lowest class-balanced val loss; cached by a data+settings hash."""
+def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None, aug=False, weighted=False):
+    """Draws by draw_weights (weighted: draws by frequency, the loss weighs classes alike instead; aug: augment());
+    keeps the epoch of lowest class-balanced val loss; cached by a data+settings hash."""
     n_real, share = len(x) if n_real is None else n_real, args.synthetic_share if n_real is not None else 0
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
-                  lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share)
+                  lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share,
+                  **({"aug": AUG_DEG, "aug_scale": AUG_SCALE, "aug_shift": AUG_SHIFT, "aug_level": AUG_LEVEL} if aug
+                     else {}), **({"weighted": True} if weighted else {}))  # old settings, old hashes: caches hold
     torch.manual_seed(seed)
     net = make_cnn(args.width, args.n_classes).to(args.device)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
@@ -152,7 +178,10 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
         return net.eval(), True
     g = torch.Generator().manual_seed(seed)
-    w = torch.from_numpy(draw_weights(y, n_real, share, args.n_classes))
+    w = torch.from_numpy(np.full(len(y), 1 / len(y)) if weighted else draw_weights(y, n_real, share, args.n_classes))
+    counts = np.bincount(y, minlength=args.n_classes)
+    class_w = torch.tensor(len(y) / (np.maximum(counts, 1) * (counts > 0).sum()), dtype=torch.float32) if weighted \
+        else None  # (K,): n / (K n_c), each class's films weigh as much as any other class's in the loss
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epoch_steps or math.ceil(len(x) / args.batch_size)
     best, best_state, best_epoch = np.inf, None, 0
@@ -161,7 +190,10 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None):
         for _ in tqdm(range(steps), desc=f"[{tag} seed {seed}] epoch {epoch + 1}/{args.epochs}", leave=False,
                       **bar_pace()):
             idx = torch.multinomial(w, args.batch_size, replacement=True, generator=g).numpy()
-            loss = F.cross_entropy(net(to_input(x[idx], args.device)), torch.from_numpy(y[idx]).to(args.device))
+            xb = to_input(x[idx], args.device)  # (B, 1, H, W)
+            xb = augment(xb, g) if aug else xb
+            loss = F.cross_entropy(net(xb), torch.from_numpy(y[idx]).to(args.device),
+                                   weight=None if class_w is None else class_w.to(args.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -319,10 +351,12 @@ def nearest(q, ref, device, chunk=512):
     return torch.cat([s for s, _ in best]).cpu().double().numpy(), torch.cat([j for _, j in best]).cpu().numpy()
 
 
-def bootstrap_auc(models, y, n_boot, seed, classes, specificity=0.9):
+def bootstrap_auc(models, y, n_boot, seed, classes, specificity=0.9, baselines=None, synthetic=None):
     """models: name -> list of probs (N, K), one per training seed. Each resample draws the test images with
     replacement and one seed per model: the 95% interval holds test sampling and training noise; the point is the
-    mean over seeds; 'diff' is models[1] - models[0] on the same resample. Per class and macro: auc, sens, lo, hi."""
+    mean over seeds. Differences on the same resample: 'diff' models[1] - models[0]; with lists of baseline and
+    synthetic arms, per class, 'gain': the best synthetic arm - the best baseline (best: by point AUC), and with a
+    'ceiling' arm, 'gap': ceiling - the best baseline. Per class and macro: auc, sens, lo, hi; 'best': the arms."""
     names = list(models)
     point = {m: np.mean([class_scores(p, y, specificity) for p in ps], 0) for m, ps in models.items()}
     rng, reps = np.random.default_rng(seed), {m: [] for m in names}
@@ -331,8 +365,17 @@ def bootstrap_auc(models, y, n_boot, seed, classes, specificity=0.9):
         for m in names:
             reps[m].append(class_scores(models[m][rng.integers(len(models[m]))][i], y[i], specificity))
     reps = {m: np.array(r) for m, r in reps.items()}  # (n_boot, 2, K + 1)
-    point["diff"], reps["diff"] = point[names[1]] - point[names[0]], reps[names[1]] - reps[names[0]]
-    res = {}
+    best = lambda arms: [max(arms, key=lambda m: np.nan_to_num(point[m][0, c], nan=-1)) for c in range(len(classes) + 1)]
+    contrasts = {"diff": ([names[1]] * (len(classes) + 1), [names[0]] * (len(classes) + 1))}
+    if baselines and synthetic:
+        contrasts["gain"] = best(synthetic), best(baselines)
+    if baselines and "ceiling" in models:
+        contrasts["gap"] = ["ceiling"] * (len(classes) + 1), best(baselines)
+    for name, (a, b) in contrasts.items():  # column c: arm a[c] - arm b[c]
+        point[name] = np.stack([point[a[c]][:, c] - point[b[c]][:, c] for c in range(len(a))], 1)
+        reps[name] = np.stack([reps[a[c]][:, :, c] - reps[b[c]][:, :, c] for c in range(len(a))], 2)
+    res = {"best": {c: {"baseline": best(baselines)[i], "synthetic": best(synthetic)[i]} for i, c in
+                    enumerate(classes + ["macro"])}} if baselines and synthetic else {}
     for m in point:
         ok = ~np.isnan(point[m])  # a class absent from test has no AUC
         lo, hi = np.full((2, 2, len(classes) + 1), np.nan)
@@ -396,6 +439,10 @@ def main(argv=None):
                    help="utility: share of a class's draws given to its synthetic images (0: by their number)")
     p.add_argument("--filter", default="none", choices=["none", "recognised", "new", "both"],
                    help="utility: only synthetic images called their class (recognised), not memorized (new), or both")
+    p.add_argument("--baselines", action="store_true", help="utility: also the cheap ways to a better classifier "
+                   "without a generator: class-weighted loss, augmentation, pseudo-labels on unlabelled train films")
+    p.add_argument("--ceiling", metavar="DATA_DIR", help="utility: the same data with every real film (same val and "
+                   "test): the classifier trained on it is the ceiling the others are measured against")
     p.add_argument("--pairs", type=int, default=8, help="closest synthetic/train pairs drawn in closest_pairs.png")
     # ---- system ----
     p.add_argument("--seed", type=int, default=0, help="seed for training, subsampling and the bootstrap")
@@ -417,8 +464,8 @@ def main(argv=None):
     out, B, dev, rng = Path(args.out), args.batch_size, args.device, np.random.default_rng(args.seed)
 
     # ---- data
-    (xtr, ytr, dtr), (xva, yva, dva), (xte, yte, dte) = [load_split(args.data_dir, s, args.size, args.workers)
-                                                         for s in ("train", "val", "test")]
+    (xtr, ytr, dtr, x_unl), (xva, yva, dva), (xte, yte, dte) = [  # x_unl: the unlabelled train films
+        load_split(args.data_dir, s, args.size, args.workers, s == "train") for s in ("train", "val", "test")]
     m = Path(args.samples)
     classes = classes_of(args.data_dir)  # the class names, in class_id order (prepare.json)
     args.n_classes = len(classes)
@@ -498,13 +545,40 @@ def main(argv=None):
         seeds = [args.seed + k for k in range(args.utility_seeds)]
         keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
         xk, yk = xs[keep], ys[keep]
-        sets = {"train": (xtr, ytr, None), "train+synth": (np.concatenate([xtr, xk]), np.concatenate([ytr, yk]),
-                len(xtr)), **({"synth": (xk, yk, None)} if len(np.unique(yk)) > 1 else {})}  # diff: [1] - [0]
-        probs = {m: [predict(fit(x, y, xva, yva, args, "real" if m == "train" else m, out, sd, digests, n)[0], xte, B,
-                             dev)[0] for sd in seeds] for m, (x, y, n) in sets.items()}
+        x_all, y_all = np.concatenate([xtr, xk]), np.concatenate([ytr, yk])
+        # arm: (films, labels, where synthetic ones start, fit() options); "train": the classes drawn alike (the rare
+        # class's films oversampled); diff: "train+synth" - "train"
+        sets = {"train": (xtr, ytr, None, {}), "train+synth": (x_all, y_all, len(xtr), {}),
+                **({"synth": (xk, yk, None, {})} if len(np.unique(yk)) > 1 else {})}
+        if args.baselines:  # what a researcher can do without a generator, and the synthetic films on the best of it
+            sets |= {"train-weighted": (xtr, ytr, None, {"weighted": True}), "train-aug": (xtr, ytr, None, {"aug": True}),
+                     "train+synth-aug": (x_all, y_all, len(xtr), {"aug": True})}
+        fitted = lambda m, sd: fit(*sets[m][:2], xva, yva, args, "real" if m == "train" else m, out, sd, digests,
+                                   sets[m][2], **sets[m][3])[0]
+        probs = {m: [predict(fitted(m, sd), xte, B, dev)[0] for sd in seeds] for m in sets}
+        if args.baselines and len(x_unl):  # pseudo-labels: the real classifier labels the unlabelled train films; its
+            probs["pseudo"], n_pseudo = [], []  # sure calls join the real films, and a classifier is trained again
+            for sd in seeds:
+                p_unl = predict(fitted("train", sd), x_unl, B, dev)[0]  # (N_unlabelled, K)
+                sure = p_unl.max(1) >= PSEUDO_CONF
+                sets["pseudo"] = (np.concatenate([xtr, x_unl[sure]]), np.concatenate([ytr, p_unl[sure].argmax(1)]),
+                                  None, {})
+                probs["pseudo"].append(predict(fitted("pseudo", sd), xte, B, dev)[0])
+                n_pseudo.append(np.bincount(p_unl[sure].argmax(1), minlength=len(classes)))
+            report["settings"]["n_pseudo"] = dict(zip(classes, np.mean(n_pseudo, 0).round(1)))  # per class, mean
+        if args.ceiling:  # every real film: the classifier the cheap ways and the synthetic films try to reach
+            (xc, yc, _), (_, _, dte_c) = [load_split(args.ceiling, s, args.size, args.workers) for s in ("train", "test")]
+            if classes_of(args.ceiling) != classes or list(dte_c["image_index"]) != list(dte["image_index"]):
+                die(f"--ceiling {args.ceiling}: not the same classes and test films as --data-dir {args.data_dir}")
+            sets["ceiling"] = (xc, yc, None, {})
+            probs["ceiling"] = [predict(fitted("ceiling", sd), xte, B, dev)[0] for sd in seeds]
+        contrast = {"baselines": [m for m in ("train", "train-weighted", "train-aug", "pseudo") if m in probs],
+                    "synthetic": [m for m in ("train+synth", "train+synth-aug") if m in probs]}
+        contrast = contrast if args.baselines or args.ceiling else {}  # else "diff" says it all
         report["settings"]["n_synthetic_used"] = int(keep.sum())
-        report["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds),
-                        **bootstrap_auc(probs, yte, args.n_boot, args.seed, classes, args.specificity)}
+        report["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds), **contrast,
+                             **bootstrap_auc(probs, yte, args.n_boot, args.seed, classes, args.specificity,
+                                             **contrast)}
 
     # ---- 5. report: report.json, and report.md with the headline table first
     report = clean({**report, "seconds": time.time() - t_start})
@@ -554,16 +628,29 @@ def main(argv=None):
           "even of new images. See closest_pairs.png and memorization.csv.\n"]
     if utility := report["utility"]:
         pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
+        names = [c for c in list(per_class) + ["macro"] if utility["train"][c]["auc"] is not None]
+        arms = {"train": "real train (classes drawn alike)", "train-weighted": "real, class-weighted loss",
+                "train-aug": "real, augmented", "pseudo": "real + pseudo-labelled unlabelled films",
+                "ceiling": "ceiling: every real film", "train+synth": "real + synthetic",
+                "train+synth-aug": "real + synthetic, augmented", "synth": "synthetic only",
+                "diff": "gain: real + synthetic - real", "gain": "**gain: best synthetic arm - best baseline**",
+                "gap": "ceiling gap: ceiling - best baseline"}
+        rows = lambda q: [[label] + [ci(pick(utility[m][c], q), 1, 3) for c in names]
+                          for m, label in arms.items() if m in utility]
+        share = [["share of the gap closed (gain / gap)"] + [
+            num(utility["gain"][c]["auc"] / utility["gap"][c]["auc"], 2) if utility["gap"][c]["auc"] else "-"
+            for c in names]] if "gap" in utility else []
         md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
                f"resamples of the test images and {utility['seeds']} training seeds per classifier; "
                f"{counts['n_synthetic_used']} of the {counts['n_synthetic']} synthetic images used "
-               f"(--filter {args.filter}).\n",
-               table(["class", "real train", "real train + synthetic", "synthetic only", "gain from synthetic",
-                      f"sensitivity at specificity {args.specificity:g}: real / + synthetic / gain"],
-                     [[c] + [ci(pick(utility[m][c], "auc"), 1, 3) if m in utility else "-"
-                             for m in ("train", "train+synth", "synth", "diff")]
-                      + [" / ".join(ci(pick(utility[m][c], "sens"), 1, 3) for m in ("train", "train+synth", "diff"))]
-                      for c in list(per_class) + ["macro"] if utility["train"][c]["auc"] is not None])]
+               f"(--filter {args.filter})."
+               + (f" Pseudo-labels: {counts['n_pseudo']} unlabelled train films a seed (the real classifier's calls "
+                  f"at p >= {PSEUDO_CONF:g})." if "n_pseudo" in counts else "")
+               + (" Best arms per class: " + "; ".join(f"{c}: {b['baseline']}, {b['synthetic']}"
+                                                         for c, b in utility["best"].items()) + "."
+                  if "best" in utility else "") + "\n",
+               table(["AUC"] + names, rows("auc") + share),
+               f"\nThe same classifiers' sensitivity at specificity {args.specificity:g} (cases found at that false-alarm rate):\n", table(["sensitivity"] + names, rows("sens"))]
     replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
     print("\n".join(md))
     print(f"evaluate.py: {report['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv "

@@ -51,8 +51,10 @@ def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path):
     for split in ("val", "test"):  # untouched
         assert pd.read_csv(tmp_path / "rare" / "k3" / "data" / f"{split}.csv").equals(pd.read_csv(f"{data}/{split}.csv"))
     assert table["k"].tolist() == [3, 8] and table["n_synthetic"].tolist() == [5, 8]  # balance the classes; else k
-    for col in ("train auc", "train+synth auc", "diff auc", "train sens", "train+synth sens_lo", "memorized"):
+    for col in ("train auc", "train+synth auc", "diff auc", "train sens", "train+synth sens_lo", "memorized",
+                "train-aug auc", "train-weighted auc", "ceiling auc", "best baseline auc", "gain auc_lo", "gap auc"):
         assert table[col].notna().all()
+    assert table["ceiling auc"].iloc[1] == pytest.approx(table["train auc"].iloc[1], abs=1e-3)  # k = all: the ceiling
     assert (table["train auc_lo"] <= table["train auc"]).all() and (table["train auc"] <= table["train auc_hi"]).all()
     assert pd.read_csv(tmp_path / "rare" / "rare.csv").shape == table.shape
     curve.main(argv[:4] + ["--k", "3", "--out-dir", str(tmp_path / "rare"), "--max-steps", "2", "--train-batch-size", "4",
@@ -69,6 +71,14 @@ def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path):
     assert os.path.getmtime(tmp_path / "rare" / "k3" / "run-none-2" / "ckpt.pt") == mtime
     with pytest.raises(SystemExit, match="--k 99: a number from 1 to 8"):
         curve.main(argv[:4] + ["--k", "99"])
+
+    # --pool cut: the 5 rare films cut away stay, unlabelled: the generator's null condition, the pseudo-label baseline
+    table = curve.main(argv[:4] + ["--k", "3", "--pool", "cut"] + argv[7:])
+    pooled = pd.read_csv(tmp_path / "rare" / "k3-pool-cut" / "data" / "train.csv")
+    assert (pooled["label"] == "Pneumonia").sum() == 3 and pooled["label"].isna().sum() == 5
+    assert (pooled.loc[pooled["label"].isna(), "class_id"] == -1).all()
+    assert table["pool"].tolist() == ["cut"] and table["pseudo auc"].notna().all()
+    assert len(pd.read_csv(tmp_path / "rare" / "rare.csv")) == 4  # a row of its own beside the labelled-only ones
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

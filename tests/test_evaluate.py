@@ -329,3 +329,53 @@ def test_filter_new_drops_copies_of_training_images_from_the_utility_arms(data, 
     assert R["memorization"]["flagged"] >= len(x[::8]) - 1  # the copies are flagged and left out
     assert 0 <= R["utility"]["train"]["macro"]["sens"] <= 1
     assert "sensitivity at specificity 0.8" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_augmentation_turns_shifts_and_relights_but_never_flips():
+    x = torch.full((64, 1, 32, 32), -0.8)
+    x[:, :, 8:24, 3:12] = 0.8  # a bright shape on the image's left: the heart's side stays the heart's side
+    g = torch.Generator().manual_seed(0)
+    a = evaluate.augment(x, g)
+    left, right = a[:, 0, :, :16].mean((1, 2)), a[:, 0, :, 16:].mean((1, 2))
+    assert (left > right + 0.3).all()  # unchanged: 0.45
+    assert not torch.equal(a[0], a[1]) and not torch.allclose(a, x, atol=0.05)  # each film its own small change
+    r = [np.corrcoef(a[i].flatten(), x[i].flatten())[0, 1] for i in range(len(a))]
+    assert min(r) > 0.7 and a.min() >= -1 and a.max() <= 1  # still the same film, in range
+
+
+def test_cheap_baselines_pseudo_labels_and_the_ceiling_in_one_run(data, tmp_path):
+    cut = tmp_path / "cut"  # the rare class's train films half hidden, as curve.py --rare --pool cut leaves them
+    cut.mkdir()
+    for name in ("val.csv", "test.csv", "cache.npy"):
+        (cut / name).symlink_to(data / name)
+    df = pd.read_csv(data / "train.csv")
+    hide = df.index[df["class_id"] == 4][::2]
+    df.assign(label=df["label"].mask(df.index.isin(hide)),
+              class_id=df["class_id"].mask(df.index.isin(hide), -1)).to_csv(cut / "train.csv", index=False)
+    x, y = draw_set([4] * 6, np.random.default_rng(5))
+    samples = write_samples(tmp_path / "s", x, y)
+    argv = ["--data-dir", str(cut), "--samples", str(samples), "--size", str(SIZE), "--width", "8", "--epochs", "4",
+            "--epoch-steps", "25", "--batch-size", "32", "--repeats", "5", "--n-boot", "50", "--utility-seeds", "1",
+            "--device", "cpu", "--baselines"]
+    R = evaluate.main(argv + ["--out", str(tmp_path / "r"), "--ceiling", str(data)])
+    U = R["utility"]
+    assert R["settings"]["n_train"] == len(df) - len(hide)  # the hidden films are not labelled training films
+    assert 0 < sum(R["settings"]["n_pseudo"].values()) <= len(hide)  # the sure calls of the real classifier
+    assert U["baselines"] == ["train", "train-weighted", "train-aug", "pseudo"]
+    assert U["synthetic"] == ["train+synth", "train+synth-aug"]
+    for arm in ("ceiling", "synth", "diff", "gain", "gap"):
+        assert U[arm]["Pneumonia"]["auc"] is not None
+    best = U["best"]["Pneumonia"]
+    assert U["gap"]["Pneumonia"]["auc"] == pytest.approx(
+        U["ceiling"]["Pneumonia"]["auc"] - U[best["baseline"]]["Pneumonia"]["auc"], abs=2e-4)
+    assert U["gain"]["Pneumonia"]["auc"] == pytest.approx(
+        U[best["synthetic"]]["Pneumonia"]["auc"] - U[best["baseline"]]["Pneumonia"]["auc"], abs=2e-4)
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "ceiling gap: ceiling - best baseline" in text and "share of the gap closed" in text
+    other = tmp_path / "other"  # fewer test films: not a ceiling for these
+    other.mkdir()
+    for name in ("train.csv", "val.csv", "cache.npy"):
+        (other / name).symlink_to(data / name)
+    pd.read_csv(data / "test.csv").iloc[10:].to_csv(other / "test.csv", index=False)
+    with pytest.raises(SystemExit, match="--ceiling .*: not the same classes and test films as --data-dir"):
+        evaluate.main(argv + ["--out", str(tmp_path / "r2"), "--ceiling", str(other)])

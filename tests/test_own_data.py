@@ -105,7 +105,7 @@ def test_a_plain_label_file_reads_as_the_folders_do(tmp_path, capsys):
     (dict(flat=True), ["no class folders ('IM-0001-0001.jpeg' lies at its top)"]),
     (dict(few=True), ["class 'Pneumonia' has 2 films of 1 patients in", "at least 3 patients"]),
     (dict(csv="image,finding\nx.png,NORMAL\n"), ["l.csv: no column 'label'"]),
-    (dict(csv="image,label\nx.png,\n"), ["l.csv: row 2: empty 'label'"]),
+    (dict(csv="image,label\n,NORMAL\n"), ["l.csv: row 2: empty 'image'"]),
 ])
 def test_bad_own_data_is_one_clear_line_and_writes_nothing(tmp_path, change, says):
     tree = kermany_tree(tmp_path)
@@ -126,6 +126,32 @@ def test_bad_own_data_is_one_clear_line_and_writes_nothing(tmp_path, change, say
     msg = str(e.value)
     assert msg.startswith("prepare_data.py: error: ") and "\n" not in msg and all(f in msg for f in says), msg
     assert not (tmp_path / "o").exists()
+
+
+def test_films_with_an_empty_label_are_kept_unlabelled_for_the_generator_alone(tmp_path, capsys):
+    tree = kermany_tree(tmp_path)
+    prep("--images", tree, "--out", tmp_path / "f", "--classes", TWO, "--patient-regex", KERMANY)
+    m = pd.read_parquet(tmp_path / "f" / "metadata.parquet")
+    hidden = m["label"].eq("Pneumonia") & m["image_index"].str.contains("virus")  # 6 films of 5 patients
+    m[["image_index", "patient_id"]].assign(label=np.where(hidden, "", np.where(m["label"] == "Pneumonia", "PNEUMONIA",
+        "NORMAL"))).rename(columns={"image_index": "image", "patient_id": "patient"}).to_csv(tmp_path / "l.csv",
+                                                                                             index=False)
+    capsys.readouterr()
+    prep("--csv", tmp_path / "l.csv", "--images", tree, "--out", tmp_path / "u", "--classes", TWO)
+    out = capsys.readouterr().out
+    assert "-> 14 labelled films and 6 unlabelled (an empty label" in out and "(unlabelled)" in out
+    u = pd.read_parquet(tmp_path / "u" / "metadata.parquet")
+    assert len(u) == 20 and (u["class_id"] == -1).sum() == 6 and set(u.loc[u["class_id"] == -1, "label"]) == {""}
+    assert u.groupby("patient_id")["split"].nunique().max() == 1  # unlabelled or not, a patient stays in one split
+    train_csv = pd.read_csv(tmp_path / "u" / "train.csv")
+    n_unl = int((train_csv["class_id"] == -1).sum())
+    assert n_unl >= 1 and train_csv.loc[train_csv["class_id"] == -1, "label"].isna().all()
+    x, y, _, x_unl = evaluate.load_split(str(tmp_path / "u"), "train", 32, unlabelled=True)  # classifiers: labelled
+    assert len(x_unl) == n_unl and len(x) == len(train_csv) - n_unl and set(y) <= {0, 1}
+    assert train.read_split(str(tmp_path / "u"), "train", ["No Finding", "Pneumonia"])["class_id"].min() == -1
+    train.main(["--data-dir", str(tmp_path / "u"), "--out-dir", str(tmp_path / "run"), "--batch-size", "8",
+                "--max-steps", "2", "--preset", "tiny", "--eval-every", "1", "--log-every", "1", "--device", "cpu"])
+    assert f"({n_unl} unlabelled: null label only)" in capsys.readouterr().out
 
 
 def test_drop_unlisted_keeps_the_named_classes_and_lists_the_rest(tmp_path, capsys):

@@ -149,6 +149,13 @@ def test_label_dropout_rate():
         assert (out == len(model.CLASSES)).float().mean().item() == pytest.approx(p, abs=0.005)
 
 
+def test_an_unlabelled_film_trains_the_null_label_and_is_drawn_as_a_group_of_its_own():
+    y, null = torch.tensor([0, -1, 4, -1]), len(model.CLASSES)
+    assert train.drop_labels(y, 0.0, torch.Generator().manual_seed(0), null).tolist() == [0, null, 4, null]
+    w = train.class_weights(np.array([0, 0, 0, -1, 4]), "inverse")  # three groups, a third of the draws each
+    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1, 1])
+
+
 @pytest.mark.parametrize("balance, shares", [("none", [64, 16, 4]), ("sqrt", [8, 4, 2]), ("inverse", [1, 1, 1])])
 def test_balanced_sampling_proportions(balance, shares):
     class_id = np.repeat([0, 3, 4], [64, 16, 4])  # No Finding, Effusion, Pneumonia
