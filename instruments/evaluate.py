@@ -85,13 +85,13 @@ def load(csv, size, workers, missing, empty, classes, unlabelled=False):
 
 def load_split(data_dir, split, size, workers=0, unlabelled=False):
     """-> x (N, size, size) uint8, y (N,) int64, the split's table: its labelled films; unlabelled: then x (N', size,
-    size) of the films whose label is empty too (prepare_data.py keeps them for the generator's null condition)"""
+    size) and the table of the films whose label is empty too (kept by prepare_data.py for the generator)"""
     x, y, df = load(Path(data_dir) / f"{split}.csv", size, workers, f"--data-dir {data_dir}: no {split}.csv (run "
                     "prepare_data.py first)", "empty split", classes_of(data_dir), unlabelled=True)
     if (y >= 0).sum() == 0:
         die(f"--data-dir {data_dir}: {split}.csv has no labelled film")
     labelled = x[y >= 0], y[y >= 0], df[y >= 0].reset_index(drop=True)
-    return (*labelled, x[y < 0]) if unlabelled else labelled
+    return (*labelled, x[y < 0], df[y < 0].reset_index(drop=True)) if unlabelled else labelled
 
 
 def patients(df):  # (N,) str: the patient of each film; without patient ids, every film is its own patient
@@ -129,7 +129,8 @@ def make_cnn(width, K):
 def predict(net, x, batch_size, device):
     """-> probs (N, K), penultimate features (N, D), both float64 numpy"""
     net.eval()
-    f = torch.cat([net[:-1](to_input(x[i:i + batch_size], device)) for i in range(0, len(x), batch_size)])  # (N, D)
+    f = torch.cat([net[:-1](to_input(x[i:i + batch_size], device))  # (N, D); no films: (0, D)
+                   for i in range(0, max(len(x), 1), batch_size)])
     return net[-1](f).softmax(1).cpu().double().numpy(), f.cpu().double().numpy()
 
 
@@ -464,7 +465,7 @@ def main(argv=None):
     out, B, dev, rng = Path(args.out), args.batch_size, args.device, np.random.default_rng(args.seed)
 
     # ---- data
-    (xtr, ytr, dtr, x_unl), (xva, yva, dva), (xte, yte, dte) = [  # x_unl: the unlabelled train films
+    (xtr, ytr, dtr, x_unl, d_unl), (xva, yva, dva), (xte, yte, dte) = [  # x_unl: the unlabelled train films
         load_split(args.data_dir, s, args.size, args.workers, s == "train") for s in ("train", "val", "test")]
     m = Path(args.samples)
     classes = classes_of(args.data_dir)  # the class names, in class_id order (prepare.json)
@@ -490,21 +491,27 @@ def main(argv=None):
     digests = {}  # fit() hashes each distinct array once
     net, cached = fit(xtr if ref.all() else xtr[ref], ytr[ref], xva, yva, args, "real" if ref.all() else "reference",
                       out, args.seed, digests)  # at share 1 it is the utility's real arm of the first seed
-    (p_tr, f_tr), (p_va, f_va), (p_te, f_te), (p_s, f_s) = [predict(net, x, B, dev) for x in (xtr, xva, xte, xs)]
+    (p_tr, f_tr), (p_va, f_va), (p_te, f_te), (p_s, f_s), (_, f_unl) = [predict(net, x, B, dev)
+                                                                         for x in (xtr, xva, xte, xs, x_unl)]
     mu, scale = f_tr[ref].mean(0), np.sqrt(f_tr[ref].var(0).mean())  # centred, in units of their spread on what
-    f_tr, f_va, f_te, f_s = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s)]  # it learnt: KID's kernel needs O(1)
+    f_tr, f_va, f_te, f_s, f_unl = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s, f_unl)]  # it learnt: KID's
+    # kernel needs O(1)
     report["classifier"] = {"cached": cached, "macro_auc": class_scores(p_te, yte, args.specificity)[0, -1]}
 
     # ---- 2. memorization: each synthetic image's nearest training image by feature cosine and by pixel correlation,
-    # flagged when closer than all but MIN_PCT% of real test images are (no patient is in two splits: not copied)
-    uf_tr, px_tr, px_s, px_te = unit_rows(f_tr, 0), pixels(xtr), pixels(xs), pixels(xte)  # centred: cosines spread
-    (cos_s, jf), (r_s, jp) = nearest(unit_rows(f_s, 0), uf_tr, dev), nearest(px_s, px_tr, dev)
-    cos_te, r_te = nearest(unit_rows(f_te, 0), uf_tr, dev)[0], nearest(px_te, px_tr, dev)[0]
+    # flagged when closer than all but MIN_PCT% of real test images are (no patient is in two splits: not copied).
+    # Training images: every film the generator saw, the unlabelled ones too.
+    x_seen, names_seen = np.concatenate([xtr, x_unl]), np.concatenate([itr, d_unl["image_index"].astype(str)])
+    uf_seen, px_seen = unit_rows(np.concatenate([f_tr, f_unl]), 0), pixels(x_seen)  # centred: cosines spread
+    px_tr, px_s, px_te = px_seen[:len(xtr)], pixels(xs), pixels(xte)
+    (cos_s, jf), (r_s, jp) = nearest(unit_rows(f_s, 0), uf_seen, dev), nearest(px_s, px_seen, dev)
+    cos_te, r_te = nearest(unit_rows(f_te, 0), uf_seen, dev)[0], nearest(px_te, px_seen, dev)[0]
     thr_cos, thr_r = np.percentile(cos_te, 100 - MIN_PCT), np.percentile(r_te, 100 - MIN_PCT)
     flag = (cos_s > thr_cos) | (r_s > thr_r)
     report["memorization"] = {"threshold_feature_cosine": thr_cos, "threshold_pixel_corr": thr_r, "flagged": flag.sum()}
-    mem = ps[["path", "label"]].assign(nearest_train_feature=itr[jf], feature_cosine=cos_s.round(5),
-                                       nearest_train_pixel=itr[jp], pixel_corr=r_s.round(5), flagged=flag.astype(int))
+    mem = ps[["path", "label"]].assign(nearest_train_feature=names_seen[jf], feature_cosine=cos_s.round(5),
+                                       nearest_train_pixel=names_seen[jp], pixel_corr=r_s.round(5),
+                                       flagged=flag.astype(int))
     replace_file(out / "memorization.csv", lambda tmp: mem.to_csv(tmp, index=False))
 
     # ---- 3. per class, against the real pool: label fidelity, size-matched realism and texture, diversity, noise-like
@@ -535,7 +542,8 @@ def main(argv=None):
                                        **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
     order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
     save_rows_png([[(xs[i], f"synthetic {classes[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
-                    (xtr[jp[i]], f"train {itr[jp[i]]} r={r_s[i]:.3f}")] for i in order], out / "closest_pairs.png", 200)
+                    (x_seen[jp[i]], f"train {names_seen[jp[i]]} r={r_s[i]:.3f}")] for i in order],
+                  out / "closest_pairs.png", 200)
     save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
                    for c, n in enumerate(classes) if n in per_class], out / "grid.png", 128)
 
@@ -647,7 +655,7 @@ def main(argv=None):
                + (f" Pseudo-labels: {counts['n_pseudo']} unlabelled train films a seed (the real classifier's calls "
                   f"at p >= {PSEUDO_CONF:g})." if "n_pseudo" in counts else "")
                + (" Best arms per class: " + "; ".join(f"{c}: {b['baseline']}, {b['synthetic']}"
-                                                         for c, b in utility["best"].items()) + "."
+                                                         for c, b in utility["best"].items() if c in names) + "."
                   if "best" in utility else "") + "\n",
                table(["AUC"] + names, rows("auc") + share),
                f"\nThe same classifiers' sensitivity at specificity {args.specificity:g} (cases found at that false-alarm rate):\n", table(["sensitivity"] + names, rows("sens"))]

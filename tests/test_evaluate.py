@@ -353,7 +353,8 @@ def test_cheap_baselines_pseudo_labels_and_the_ceiling_in_one_run(data, tmp_path
     df.assign(label=df["label"].mask(df.index.isin(hide)),
               class_id=df["class_id"].mask(df.index.isin(hide), -1)).to_csv(cut / "train.csv", index=False)
     x, y = draw_set([4] * 6, np.random.default_rng(5))
-    samples = write_samples(tmp_path / "s", x, y)
+    copies = np.load(data / "cache.npy")[df.loc[hide[:3], "cache_row"]]  # 3 unlabelled films, drawn again
+    samples = write_samples(tmp_path / "s", np.concatenate([x, copies]), np.concatenate([y, [4, 4, 4]]))
     argv = ["--data-dir", str(cut), "--samples", str(samples), "--size", str(SIZE), "--width", "8", "--epochs", "4",
             "--epoch-steps", "25", "--batch-size", "32", "--repeats", "5", "--n-boot", "50", "--utility-seeds", "1",
             "--device", "cpu", "--baselines"]
@@ -370,6 +371,8 @@ def test_cheap_baselines_pseudo_labels_and_the_ceiling_in_one_run(data, tmp_path
         U["ceiling"]["Pneumonia"]["auc"] - U[best["baseline"]]["Pneumonia"]["auc"], abs=2e-4)
     assert U["gain"]["Pneumonia"]["auc"] == pytest.approx(
         U[best["synthetic"]]["Pneumonia"]["auc"] - U[best["baseline"]]["Pneumonia"]["auc"], abs=2e-4)
+    mem = pd.read_csv(tmp_path / "r" / "memorization.csv").iloc[-3:]  # copies of films the generator saw unlabelled
+    assert mem["flagged"].all() and (mem["nearest_train_pixel"] == df.loc[hide[:3], "image_index"].to_numpy()).all()
     text = (tmp_path / "r" / "report.md").read_text()
     assert "ceiling gap: ceiling - best baseline" in text and "share of the gap closed" in text
     other = tmp_path / "other"  # fewer test films: not a ceiling for these
