@@ -73,7 +73,8 @@ def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path):
         curve.main(argv[:4] + ["--k", "99"])
 
     # --pool cut: the 5 rare films cut away stay, unlabelled: the generator's null condition, the pseudo-label baseline
-    table = curve.main(argv[:4] + ["--k", "3", "--pool", "cut"] + argv[7:])
+    table = curve.main(argv[:4] + ["--k", "3", "--pool", "cut", "--sample-args", "--steps 3"] + argv[7:])
+    assert (tmp_path / "rare" / "k3-pool-cut" / "run-none-2" / "samples-w1.25-n5-steps3" / "manifest.csv").exists()
     pooled = pd.read_csv(tmp_path / "rare" / "k3-pool-cut" / "data" / "train.csv")
     assert (pooled["label"] == "Pneumonia").sum() == 3 and pooled["label"].isna().sum() == 5
     assert (pooled.loc[pooled["label"].isna(), "class_id"] == -1).all()
