@@ -146,7 +146,7 @@ def test_films_with_an_empty_label_are_kept_unlabelled_for_the_generator_alone(t
     train_csv = pd.read_csv(tmp_path / "u" / "train.csv")
     n_unl = int((train_csv["class_id"] == -1).sum())
     assert n_unl >= 1 and train_csv.loc[train_csv["class_id"] == -1, "label"].isna().all()
-    x, y, _, x_unl = evaluate.load_split(str(tmp_path / "u"), "train", 32, unlabelled=True)  # classifiers: labelled
+    x, y, _, x_unl, _ = evaluate.load_split(str(tmp_path / "u"), "train", 32, unlabelled=True)  # classifiers: labelled
     assert len(x_unl) == n_unl and len(x) == len(train_csv) - n_unl and set(y) <= {0, 1}
     assert train.read_split(str(tmp_path / "u"), "train", ["No Finding", "Pneumonia"])["class_id"].min() == -1
     train.main(["--data-dir", str(tmp_path / "u"), "--out-dir", str(tmp_path / "run"), "--batch-size", "8",
