@@ -223,6 +223,7 @@ def rare(args):
                      "guidance": args.guidance, "sample_args": args.sample_args,
                      "synthetic_share": args.synthetic_share, "filter": args.filter, "generator": run_tag,
                      "fidelity": per_class["fidelity"], "fd_ratio": per_class["fd_ratio"],
+                     "grain": per_class["grain"]["synthetic"]["mean"], "grainy": per_class["grainy"]["synthetic"]["mean"],
                      "memorized": per_class["memorized"] / per_class["n_synthetic"],
                      **best, "n_pseudo": report["settings"].get("n_pseudo", {}).get(args.rare, 0),
                      **{f"{m} {q}{end}": utility[m][args.rare][q + end] for m in arms

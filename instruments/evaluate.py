@@ -5,7 +5,8 @@ evaluate.py - are these synthetic chest X-rays fit to augment a dataset? One com
 
 Per class, in the features of a small CNN trained on real train: label fidelity, size-matched realism (FD ratio,
 KID), diversity, noise-like and memorized images; and utility: AUC on real test of classifiers trained with and
-without them. Writes report.md (the headline table first), report.json, closest_pairs.png, grid.png, memorization.csv.
+without them (--baselines: beside what can be done without a generator; --ceiling: and every real film). Writes
+report.md (the headline table first), report.json, closest_pairs.png, grid.png, memorization.csv.
 """
 import argparse
 import hashlib
@@ -159,9 +160,10 @@ def draw_weights(y, n_real, share, K):
     return w / w.sum()
 
 
-def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None, aug=False, weighted=False):
-    """Draws by draw_weights (weighted: draws by frequency, the loss weighs classes alike instead; aug: augment());
-    keeps the epoch of lowest class-balanced val loss; cached by a data+settings hash."""
+def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None, aug=False, weighted=False, init=None):
+    """Draws by draw_weights (weighted: draws by frequency, the loss weighs classes alike instead; aug: augment();
+    init: a trained net to start from, to fine-tune it); keeps the epoch of lowest class-balanced val loss; cached by
+    a data+settings hash."""
     n_real, share = len(x) if n_real is None else n_real, args.synthetic_share if n_real is not None else 0
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
                   lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share,
@@ -170,6 +172,9 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None, aug=False, wei
     torch.manual_seed(seed)
     net = make_cnn(args.width, args.n_classes).to(args.device)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
+    if init is not None:
+        net.load_state_dict(init.state_dict())
+        h.update(b"".join(v.cpu().numpy().tobytes() for v in init.state_dict().values()))
     for a in (x, y, xv, yv):  # each array hashed once per run, not per classifier; kept beside its digest: no id reuse
         if id(a) not in digests:  # no copy: x is ~1 GB at NIH scale
             digests[id(a)] = a, hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).digest()
@@ -560,9 +565,13 @@ def main(argv=None):
                 **({"synth": (xk, yk, None, {})} if len(np.unique(yk)) > 1 else {})}
         if args.baselines:  # what a researcher can do without a generator, and the synthetic films on the best of it
             sets |= {"train-weighted": (xtr, ytr, None, {"weighted": True}), "train-aug": (xtr, ytr, None, {"aug": True}),
-                     "train+synth-aug": (x_all, y_all, len(xtr), {"aug": True})}
-        fitted = lambda m, sd: fit(*sets[m][:2], xva, yva, args, "real" if m == "train" else m, out, sd, digests,
-                                   sets[m][2], **sets[m][3])[0]
+                     "train+synth-aug": (x_all, y_all, len(xtr), {"aug": True}),
+                     "synth>train": (xtr, ytr, None, {"init": "train+synth"})}  # trained on both, fine-tuned on real
+
+        def fitted(m, sd):  # arm m's classifier of seed sd ("init": the arm whose classifier it starts from)
+            opts = {k: fitted(v, sd) if k == "init" else v for k, v in sets[m][3].items()}
+            return fit(*sets[m][:2], xva, yva, args, "real" if m == "train" else m, out, sd, digests, sets[m][2],
+                       **opts)[0]
         probs = {m: [predict(fitted(m, sd), xte, B, dev)[0] for sd in seeds] for m in sets}
         if args.baselines and len(x_unl):  # pseudo-labels: the real classifier labels the unlabelled train films; its
             probs["pseudo"], n_pseudo = [], []  # sure calls join the real films, and a classifier is trained again
@@ -581,7 +590,7 @@ def main(argv=None):
             sets["ceiling"] = (xc, yc, None, {})
             probs["ceiling"] = [predict(fitted("ceiling", sd), xte, B, dev)[0] for sd in seeds]
         contrast = {"baselines": [m for m in ("train", "train-weighted", "train-aug", "pseudo") if m in probs],
-                    "synthetic": [m for m in ("train+synth", "train+synth-aug") if m in probs]}
+                    "synthetic": [m for m in ("train+synth", "train+synth-aug", "synth>train") if m in probs]}
         contrast = contrast if args.baselines or args.ceiling else {}  # else "diff" says it all
         report["settings"]["n_synthetic_used"] = int(keep.sum())
         report["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds), **contrast,
@@ -640,7 +649,8 @@ def main(argv=None):
         arms = {"train": "real train (classes drawn alike)", "train-weighted": "real, class-weighted loss",
                 "train-aug": "real, augmented", "pseudo": "real + pseudo-labelled unlabelled films",
                 "ceiling": "ceiling: every real film", "train+synth": "real + synthetic",
-                "train+synth-aug": "real + synthetic, augmented", "synth": "synthetic only",
+                "train+synth-aug": "real + synthetic, augmented",
+                "synth>train": "real + synthetic, then fine-tuned on real", "synth": "synthetic only",
                 "diff": "gain: real + synthetic - real", "gain": "**gain: best synthetic arm - best baseline**",
                 "gap": "ceiling gap: ceiling - best baseline"}
         rows = lambda q: [[label] + [ci(pick(utility[m][c], q), 1, 3) for c in names]

@@ -363,7 +363,7 @@ def test_cheap_baselines_pseudo_labels_and_the_ceiling_in_one_run(data, tmp_path
     assert R["settings"]["n_train"] == len(df) - len(hide)  # the hidden films are not labelled training films
     assert 0 < sum(R["settings"]["n_pseudo"].values()) <= len(hide)  # the sure calls of the real classifier
     assert U["baselines"] == ["train", "train-weighted", "train-aug", "pseudo"]
-    assert U["synthetic"] == ["train+synth", "train+synth-aug"]
+    assert U["synthetic"] == ["train+synth", "train+synth-aug", "synth>train"]
     for arm in ("ceiling", "synth", "diff", "gain", "gap"):
         assert U[arm]["Pneumonia"]["auc"] is not None
     best = U["best"]["Pneumonia"]
