@@ -20,7 +20,8 @@ and on every real film of the uncut data (the ceiling), all scored on the same r
 sensitivity at --specificity, with 95% intervals over test resampling and classifier seeds; the gain of the best
 synthetic arm over the best baseline, the ceiling gap and the share of it closed ("no room" under NO_ROOM). Rows go
 to <out-dir>/rare.csv (one per k and settings), the plot of this call's rows (AUC against k) to <out-dir>/rare.png.
-Rerunnable: finished generators, samples and classifiers are reused, so trying other settings costs only those.
+Rerunnable: finished generators, samples and classifiers are reused, so trying other settings costs only those
+(<out-dir>/k<k>/report/ holds the report of the last settings scored at that k; rare.csv keeps every setting's row).
 """
 import argparse
 import glob
