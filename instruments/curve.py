@@ -73,7 +73,7 @@ def score(args):
         raise SystemExit(f"curve.py: error: --run {args.run}: no snapshots/ema_step*.pt (train with --snapshot-every)")
     if not os.path.exists(os.path.join(args.data_dir, "test.csv")):
         raise SystemExit(f"curve.py: error: --data-dir {args.data_dir}: no test.csv (run prepare_data.py first)")
-    classes = sorted(pd.read_csv(os.path.join(args.data_dir, "test.csv"))["label"].unique())
+    classes = sorted(pd.read_csv(os.path.join(args.data_dir, "test.csv"))["label"].dropna().unique())  # not unlabelled
     for snap in [s for s in snaps if os.path.basename(s) not in done]:
         samples = os.path.join(work, "samples")
         shutil.rmtree(samples, ignore_errors=True)
@@ -220,11 +220,13 @@ def rare(args):
         best = {"best baseline": utility["best"][args.rare]["baseline"],
                 "best synthetic": utility["best"][args.rare]["synthetic"]}  # the arms, by point AUC on the test films
         arms = [*utility["baselines"], *utility["synthetic"], "ceiling", "diff", "gain", "gap"]
-        rows.append({"k": n_real, "pool": args.pool, "n_setting": args.n_synthetic, "n_synthetic": report["settings"]["n_synthetic_used"],
+        rows.append({"k": n_real, "pool": args.pool, "n_setting": args.n_synthetic,
+                     "n_synthetic": report["settings"]["n_synthetic_used"],
                      "guidance": args.guidance, "sample_args": args.sample_args,
                      "synthetic_share": args.synthetic_share, "filter": args.filter, "generator": run_tag,
                      "fidelity": per_class["fidelity"], "fd_ratio": per_class["fd_ratio"],
-                     "grain": per_class["grain"]["synthetic"]["mean"], "grainy": per_class["grainy"]["synthetic"]["mean"],
+                     "grain": per_class["grain"]["synthetic"]["mean"],
+                     "grainy": per_class["grainy"]["synthetic"]["mean"],
                      "memorized": per_class["memorized"] / per_class["n_synthetic"],
                      **best, "n_pseudo": report["settings"].get("n_pseudo", {}).get(args.rare, 0),
                      **{f"{m} {q}{end}": utility[m][args.rare][q + end] for m in arms

@@ -34,7 +34,7 @@ MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of r
 CHUNK = 4096  # images per chunk when resizing or reducing a whole split: memory stays flat at NIH scale
 GRAIN_X = 1.5  # noise-like: more grain than GRAIN_X times the grainiest real film of the pool
 GRAINY_Q = 95  # grainy: more grain than this percentile of real films (5% of real films are; the mean hides a tail)
-PSEUDO_CONF = 0.9  # pseudo-label baseline: an unlabelled film joins with the class the real classifier gives it this sure
+PSEUDO_CONF = 0.9  # pseudo-labels: an unlabelled film joins with the class the real classifier gives it this sure
 AUG_DEG, AUG_SCALE, AUG_SHIFT, AUG_LEVEL = 5.0, 0.1, 0.05, 0.1  # safe augmentation: degrees, +-scale, +-shift (of the
 # film), +-brightness and contrast (of the [-1, 1] range); never a flip: laterality is anatomy
 
@@ -371,7 +371,8 @@ def bootstrap_auc(models, y, n_boot, seed, classes, specificity=0.9, baselines=N
         for m in names:
             reps[m].append(class_scores(models[m][rng.integers(len(models[m]))][i], y[i], specificity))
     reps = {m: np.array(r) for m, r in reps.items()}  # (n_boot, 2, K + 1)
-    best = lambda arms: [max(arms, key=lambda m: np.nan_to_num(point[m][0, c], nan=-1)) for c in range(len(classes) + 1)]
+    best = lambda arms: [max(arms, key=lambda m: np.nan_to_num(point[m][0, c], nan=-1))  # per class: the top AUC
+                         for c in range(len(classes) + 1)]
     contrasts = {"diff": ([names[1]] * (len(classes) + 1), [names[0]] * (len(classes) + 1))}
     if baselines and synthetic:
         contrasts["gain"] = best(synthetic), best(baselines)
@@ -564,7 +565,8 @@ def main(argv=None):
         sets = {"train": (xtr, ytr, None, {}), "train+synth": (x_all, y_all, len(xtr), {}),
                 **({"synth": (xk, yk, None, {})} if len(np.unique(yk)) > 1 else {})}
         if args.baselines:  # what a researcher can do without a generator, and the synthetic films on the best of it
-            sets |= {"train-weighted": (xtr, ytr, None, {"weighted": True}), "train-aug": (xtr, ytr, None, {"aug": True}),
+            sets |= {"train-weighted": (xtr, ytr, None, {"weighted": True}),
+                     "train-aug": (xtr, ytr, None, {"aug": True}),
                      "train+synth-aug": (x_all, y_all, len(xtr), {"aug": True}),
                      "synth>train": (xtr, ytr, None, {"init": "train+synth"})}  # trained on both, fine-tuned on real
 
@@ -584,7 +586,8 @@ def main(argv=None):
                 n_pseudo.append(np.bincount(p_unl[sure].argmax(1), minlength=len(classes)))
             report["settings"]["n_pseudo"] = dict(zip(classes, np.mean(n_pseudo, 0).round(1)))  # per class, mean
         if args.ceiling:  # every real film: the classifier the cheap ways and the synthetic films try to reach
-            (xc, yc, _), (_, _, dte_c) = [load_split(args.ceiling, s, args.size, args.workers) for s in ("train", "test")]
+            (xc, yc, _), (_, _, dte_c) = [load_split(args.ceiling, s, args.size, args.workers)
+                                          for s in ("train", "test")]
             if classes_of(args.ceiling) != classes or list(dte_c["image_index"]) != list(dte["image_index"]):
                 die(f"--ceiling {args.ceiling}: not the same classes and test films as --data-dir {args.data_dir}")
             sets["ceiling"] = (xc, yc, None, {})
@@ -668,7 +671,8 @@ def main(argv=None):
                                                          for c, b in utility["best"].items() if c in names) + "."
                   if "best" in utility else "") + "\n",
                table(["AUC"] + names, rows("auc") + share),
-               f"\nThe same classifiers' sensitivity at specificity {args.specificity:g} (cases found at that false-alarm rate):\n", table(["sensitivity"] + names, rows("sens"))]
+               f"\nThe same classifiers' sensitivity at specificity {args.specificity:g} (cases found at that "
+               "false-alarm rate):\n", table(["sensitivity"] + names, rows("sens"))]
     replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
     print("\n".join(md))
     print(f"evaluate.py: {report['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv "
