@@ -137,20 +137,17 @@ def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; 
 
 
 def drop_labels(y, cond_drop, g, null):  # classifier-free guidance training: a label becomes null with p = cond_drop
-    drop = torch.rand(y.shape, generator=g, device=y.device) < cond_drop
-    return y.masked_fill(drop | (y < 0), null)  # an unlabelled film (class_id -1) trains the null label only
+    return y.masked_fill(torch.rand(y.shape, generator=g, device=y.device) < cond_drop, null)
 
 # -----------------------------------------------------------------------------
 # data: the order of training images is a function of (seed, position) alone, so --resume is exact
 
 
 def class_weights(class_id, balance):
-    """Per-image draw weight n_c^0, n_c^-1/2 or n_c^-1: class shares become proportional to n, sqrt(n), 1.
-    Unlabelled films (class_id -1) are drawn as one group of their own."""
+    """Per-image draw weight n_c^0, n_c^-1/2 or n_c^-1: class shares become proportional to n, sqrt(n), 1."""
     power = {"none": 0.0, "sqrt": -0.5, "inverse": -1.0}[balance]
-    group = np.where(class_id < 0, class_id.max() + 1, class_id)
-    n = np.bincount(group).astype(np.float64)
-    return torch.from_numpy(n[group] ** power)
+    n = np.bincount(class_id).astype(np.float64)
+    return torch.from_numpy(n[class_id] ** power)
 
 
 def index_stream(weights, balanced, seed, start):
@@ -182,7 +179,9 @@ def load_batch(rows, cache, cache_row, path, class_id, size):
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(class_id[rows])
 
 
-def read_split(data_dir, split, classes):  # -> load_batch's cache_row, path and class_id, as arrays
+def read_split(data_dir, split, classes):
+    """-> load_batch's cache_row, path and class_id, as arrays. An unlabelled film (class_id -1, an empty label) gets
+    the null label, len(classes): it trains the unconditional model only, and --balance draws it as a group."""
     csv = os.path.join(data_dir, f"{split}.csv")
     if not os.path.isfile(csv):
         die(f"--data-dir {data_dir}: no {split}.csv; prepare the data first: python prepare_data.py "
@@ -198,6 +197,7 @@ def read_split(data_dir, split, classes):  # -> load_batch's cache_row, path and
     if (bad := np.flatnonzero((named != df["label"].to_numpy()) & ~unlabelled))[:1].size:
         die(f"{csv}: row {bad[0] + 2}: class_id {df['class_id'].iat[bad[0]]} '{df['label'].iat[bad[0]]}' is not a "
             f"class of {data_dir} ({', '.join(classes)}); rerun prepare_data.py")
+    df["class_id"] = df["class_id"].mask(unlabelled, len(classes))
     return {c: df[c].to_numpy() for c in ("cache_row", "path", "class_id")}
 
 
@@ -341,7 +341,6 @@ def main(argv=None):
         x0, y_val = load_batch(rows, cache, size=size, **val)
         x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
         t_val, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
-        y_val = y_val.masked_fill(y_val < 0, len(classes))  # unlabelled: the null label, the last class embedding
         val_set = [v.to(device) for v in (x0, eps, t_val, y_val)]
 
     # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
@@ -381,7 +380,7 @@ def main(argv=None):
         if os.path.exists(metrics):  # rows logged after the checkpoint (a crash) are trained again: keep one per step
             m = pd.read_csv(metrics, dtype=str, keep_default_na=False)  # as written: no float reformatting
             replace_file(metrics, lambda tmp: m[m.step.astype(int) <= start].to_csv(tmp, index=False))
-        n_null = int((train["class_id"] < 0).sum())  # unlabelled films
+        n_null = int((train["class_id"] == len(classes)).sum())  # unlabelled films
         unlabelled = f" ({n_null} unlabelled: null label only)" if n_null else ""
         print(f"train.py: {len(train['path'])} train{unlabelled} / {len(val['path'])} val images, {size}px, preset "
               f"{args.preset}, "

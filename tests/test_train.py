@@ -149,10 +149,15 @@ def test_label_dropout_rate():
         assert (out == len(model.CLASSES)).float().mean().item() == pytest.approx(p, abs=0.005)
 
 
-def test_an_unlabelled_film_trains_the_null_label_and_is_drawn_as_a_group_of_its_own():
-    y, null = torch.tensor([0, -1, 4, -1]), len(model.CLASSES)
-    assert train.drop_labels(y, 0.0, torch.Generator().manual_seed(0), null).tolist() == [0, null, 4, null]
-    w = train.class_weights(np.array([0, 0, 0, -1, 4]), "inverse")  # three groups, a third of the draws each
+def test_an_unlabelled_film_trains_the_null_label_and_is_drawn_as_a_group_of_its_own(tmp_path):
+    data = make_data(tmp_path / "d", counts=(3, 0, 0, 0, 1, 0))
+    df = pd.read_csv(f"{data}/train.csv")
+    df.loc[len(df)] = {**df.iloc[0].to_dict(), "image_index": "u.png", "label": np.nan, "class_id": -1}  # unlabelled
+    df.to_csv(f"{data}/train.csv", index=False)
+    y, null = train.read_split(data, "train", model.CLASSES)["class_id"], len(model.CLASSES)
+    assert y.tolist() == [0, 0, 0, 4, null]  # the null label: the unconditional model, never a class
+    assert train.drop_labels(torch.tensor(y), 0.0, torch.Generator().manual_seed(0), null).tolist() == y.tolist()
+    w = train.class_weights(y, "inverse")  # three groups, a third of the draws each
     assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1, 1])
 
 
