@@ -81,7 +81,8 @@ def parse_args(argv):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast (auto: bf16 on GPUs with bf16 cores, else fp16; fp32 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    p.add_argument("--fast-path", action="store_true", help="the GPU path on a CPU: channels_last + fused AdamW")
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last + fused AdamW (default: on CUDA; --fast-path runs the GPU path on a CPU)")
     p.add_argument("--device", default=None, help="cuda|cpu (default cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the noise")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if it has no "
@@ -107,6 +108,7 @@ def parse_args(argv):
             die(f"--resume: {e}")
         saved = {"prediction": "epsilon", "shift": 1.0, **ckpt["args"]}  # before v-prediction they were not recorded
         saved["prediction"] = {"v": "v_prediction", "eps": "epsilon"}.get(saved["prediction"], saved["prediction"])
+        saved["fast_path"] = saved.get("fast_path") or None  # False, as older runs saved "not asked": the device's path
         p.set_defaults(**{**saved, "out_dir": args.out_dir})  # ^ the short names older runs saved
         args = p.parse_args(argv)
     elif os.path.exists(path):
@@ -280,29 +282,116 @@ def rank_sum(x, world):  # x summed over the DDP ranks (the loop's only syncs); 
     return x
 
 # -----------------------------------------------------------------------------
+# the phases of main(), in order: processes and precision, the data, the model (restored on --resume)
+
+
+def setup_device(args):
+    """-> (device, world, rank, threads): torchrun's processes (one GPU each), or this process alone"""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = set_threads(device)  # the free cores, or OMP_NUM_THREADS
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, world, rank, threads
+
+
+def setup_precision(args, device):
+    """-> (amp, autocast, scaler): bf16 or fp16 autocast on a GPU (model.auto_amp), fp32 on a CPU unless --amp bf16"""
+    amp = args.amp if args.amp != "auto" else auto_amp(device)
+    if amp == "fp16" and device.type != "cuda":  # CPU autocast has bf16, no GradScaler
+        die(f"--amp {args.amp}: fp16 needs CUDA; the CPU trains in fp32 or bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")  # fp16 only: bf16 has fp32's range
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its conv algorithms once
+    return amp, autocast, scaler
+
+
+def load_data(args, ckpt):
+    """-> (classes, train, val, cache, size). Sets what follows from the data in args, so the checkpoint records it:
+    the image size, the preset, the LR and the warmup."""
+    classes = classes_of(args.data_dir)  # names in class_id order (prepare.json): they size the class embedding
+    train, val = read_split(args.data_dir, "train", classes), read_split(args.data_dir, "val", classes)
+    cached = cache_size(args.data_dir)
+    cache = os.path.join(args.data_dir, "cache.npy") if cached else None
+    args.image_size = size = args.image_size or cached or 256
+    args.preset = pick_preset(args.preset, size)  # the checkpoint records the preset that was built
+    args.lr = args.lr if args.lr is not None else PRESET_LR[args.preset]  # recorded, so --resume keeps it
+    args.warmup_steps = min(1000, args.max_steps // WARMUP_SHARE) if args.warmup_steps is None else args.warmup_steps
+    if cached and size != cached:
+        die(f"--image-size {size} does not match {cache} ({cached}px); omit it or use prepare_data.py --size {size}")
+    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != classes):
+        die(f"--resume: {args.out_dir}/ckpt.pt was trained at {ckpt['image_size']}px on classes {ckpt['classes']}, "
+            f"not at {size}px on {classes}; use another --out-dir")
+    return classes, train, val, cache, size
+
+
+def make_loader(args, train, cache, size, seen, device, rank, world):
+    """-> (loader, workers): this rank's training batches, from image `seen` of the stream on (where the run stands)"""
+    workers = args.num_workers if args.num_workers is not None else 0 if cache and device.type == "cpu" else 4
+    stream = index_stream(class_weights(train["class_id"], args.balance), args.balance != "none", args.seed, seen)
+    loader = torch.utils.data.DataLoader(
+        range(len(train["path"])), batch_sampler=rank_batches(stream, args.batch_size, rank, world),
+        collate_fn=partial(load_batch, cache=cache, size=size, **train),  # runs in the workers
+        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_signals)
+    return loader, workers
+
+
+def fixed_val_set(val, cache, size, device):  # -> [x0, eps, t, y] on device: VAL_IMAGES films, fixed t and noise
+    g = torch.Generator().manual_seed(VAL_SEED)
+    rows = torch.randperm(len(val["path"]), generator=g)[:VAL_IMAGES].tolist()
+    x0, y = load_batch(rows, cache, size=size, **val)
+    x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
+    t, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
+    return [v.to(device) for v in (x0, eps, t, y)]
+
+
+def build(args, ckpt, size, classes, device):
+    """-> (unet, ema, opt, memory_format). The GPU path (CUDA, or --fast-path): channels_last weights, fused AdamW."""
+    torch.manual_seed(args.seed)
+    try:
+        unet = build_unet(size, args.preset, len(classes))
+    except ValueError as e:
+        die(f"--image-size {size} / --preset {args.preset}: {e}")
+    if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
+        die(f"--resume: {args.out_dir}/ckpt.pt holds another UNet (not --preset {args.preset}); use another --out-dir")
+    gpu_path = device.type == "cuda" if args.fast_path is None else args.fast_path  # on a CPU too, so tests run it
+    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # bench.py's table decides
+    unet = unet.to(device, memory_format=memory_format).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    try:  # fused: one kernel for all ~300 tensors
+        opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=gpu_path or None)
+    except RuntimeError as e:
+        die(f"fused AdamW on {device}: {e} (--fast-path on a CPU needs torch >= 2.4)")
+    return unet, ema, opt, memory_format
+
+
+def restore(ckpt, unet, ema, opt, scaler):
+    """--resume: the weights, the EMA, AdamW's state with this run's settings, the fp16 loss scale, every RNG"""
+    unet.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    ckpt["optimizer"]["param_groups"] = opt.state_dict()["param_groups"]  # this run's fused, weight_decay
+    opt.load_state_dict(ckpt["optimizer"])
+    for p, s in opt.state.items():  # Adam moments in their weight's layout (a channels_last run saved them, or not)
+        s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if k != "step"})
+    if ckpt["scaler"]:  # empty when saved without fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     # ---- setup: flags, processes, device, precision, the noise schedule and the loss ----
     args, ckpt = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # set by torchrun
-    master = rank == 0  # rank 0 alone logs and writes
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads, cuda = set_threads(device), device.type == "cuda"  # threads: the free cores, or OMP_NUM_THREADS
-    if world > 1:
-        if cuda:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    amp = args.amp if args.amp != "auto" else auto_amp(device)
-    if amp == "fp16" and not cuda:  # CPU autocast has bf16, no GradScaler
-        die(f"--amp {args.amp}: fp16 needs CUDA; the CPU trains in fp32 or bf16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")  # fp16 only: bf16 has fp32's range
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = cuda  # fixed shapes: cuDNN times its conv algorithms once and keeps the fastest
+    device, world, rank, threads = setup_device(args)
+    master, cuda = rank == 0, device.type == "cuda"  # rank 0 alone logs and writes
+    amp, autocast, scaler = setup_precision(args, device)
     schedule = dict(prediction=args.prediction, shift=args.shift)
     noise_schedule = make_schedule(**schedule)
     alpha_bar = noise_schedule.alphas_cumprod.to(device)  # (1000,)
@@ -315,60 +404,15 @@ def main(argv=None):
         return loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))
 
     # ---- data: the stream of training batches from where the run stands, and the fixed val set ----
-    classes = classes_of(args.data_dir)  # names in class_id order (prepare.json): they size the class embedding
-    train, val = read_split(args.data_dir, "train", classes), read_split(args.data_dir, "val", classes)
-    cached = cache_size(args.data_dir)
-    cache = os.path.join(args.data_dir, "cache.npy") if cached else None
-    args.image_size = size = args.image_size or cached or 256
-    args.preset = pick_preset(args.preset, size)  # the checkpoint records the preset that was built
-    args.lr = args.lr if args.lr is not None else PRESET_LR[args.preset]  # recorded, so --resume keeps it
-    args.warmup_steps = min(1000, args.max_steps // WARMUP_SHARE) if args.warmup_steps is None else args.warmup_steps
-    if cached and size != cached:
-        die(f"--image-size {size} does not match {cache} ({cached}px); omit it or use prepare_data.py --size {size}")
-    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != classes):
-        die(f"--resume: {ckpt_path} was trained at {ckpt['image_size']}px on classes {ckpt['classes']}, "
-            f"not at {size}px on {classes}; use another --out-dir")
+    classes, train, val, cache, size = load_data(args, ckpt)
     start, seen, train_s = (ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)) if ckpt else (0, 0, 0.0)
-    workers = args.num_workers if args.num_workers is not None else 0 if cache and device.type == "cpu" else 4
-    stream = index_stream(class_weights(train["class_id"], args.balance), args.balance != "none", args.seed, seen)
-    loader = torch.utils.data.DataLoader(
-        range(len(train["path"])), batch_sampler=rank_batches(stream, args.batch_size, rank, world),
-        collate_fn=partial(load_batch, cache=cache, size=size, **train),  # runs in the workers
-        num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_signals)
-    if master and args.eval_every:
-        g = torch.Generator().manual_seed(VAL_SEED)
-        rows = torch.randperm(len(val["path"]), generator=g)[:VAL_IMAGES].tolist()
-        x0, y_val = load_batch(rows, cache, size=size, **val)
-        x0 = x0.float() / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
-        t_val, eps = torch.randint(0, NUM_TIMESTEPS, (len(rows),), generator=g), torch.randn(x0.shape, generator=g)
-        val_set = [v.to(device) for v in (x0, eps, t_val, y_val)]
+    loader, workers = make_loader(args, train, cache, size, seen, device, rank, world)
+    val_set = fixed_val_set(val, cache, size, device) if master and args.eval_every else None
 
     # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
-    torch.manual_seed(args.seed)
-    try:
-        unet = build_unet(size, args.preset, len(classes))
-    except ValueError as e:
-        die(f"--image-size {size} / --preset {args.preset}: {e}")
-    if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
-        die(f"--resume: {ckpt_path} holds another UNet (not --preset {args.preset}); use another --out-dir")
-    gpu_path = cuda or args.fast_path  # --fast-path: the same layout and optimizer on the CPU, so tests run them
-    memory_format = torch.channels_last if gpu_path else torch.contiguous_format  # bench.py's channels_last row decides
-    unet = unet.to(device, memory_format=memory_format).train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    try:  # fused: one kernel for all ~300 tensors
-        opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=gpu_path or None)
-    except RuntimeError as e:
-        die(f"fused AdamW on {device}: {e} (--fast-path on a CPU needs torch >= 2.4)")
+    unet, ema, opt, memory_format = build(args, ckpt, size, classes, device)
     if ckpt is not None:
-        unet.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        ckpt["optimizer"]["param_groups"] = opt.state_dict()["param_groups"]  # this run's fused, weight_decay
-        opt.load_state_dict(ckpt["optimizer"])
-        for p, s in opt.state.items():  # Adam moments in their weight's layout (a channels_last run saved them, or not)
-            s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if k != "step"})
-        if ckpt["scaler"]:  # empty when saved without fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        restore(ckpt, unet, ema, opt, scaler)
         ckpt = None  # its tensors now live in the model, EMA and optimizer: free the copies (~1.8 GB at base, per rank)
     model = DDP(unet, device_ids=[device.index] if cuda else None) if world > 1 else unet  # unet stays bare: its keys
     model = torch.compile(model) if args.compile else model  # compile(DDP(unet)): the all-reduce overlaps the backward
@@ -432,7 +476,6 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
         done, seen = step + 1, seen + args.batch_size * args.grad_accum * world
-        train_s += time.time() - t_last
 
         stopping = bool(stop)  # read once: a signal arriving after this line is handled at the next step
         if world > 1:  # all ranks stop at one step (or the rest hang in the next all-reduce), agreed every STOP_CHECK
@@ -443,6 +486,7 @@ def main(argv=None):
             train_loss = rank_sum(loss_sum, world).item() / ((done - logged[0]) * world)
             if not math.isfinite(train_loss):
                 die(f"loss is {train_loss} at step {done}; stopped. The last good checkpoint stays in {args.out_dir}")
+        train_s += time.time() - t_last  # after .item(): a GPU's queued work is counted by the step that waits for it
         if log:
             ips = (seen - logged[1]) / (train_s - logged[2])
             if master:  # above the progress bar
@@ -474,8 +518,9 @@ def main(argv=None):
     if master:
         export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir,
                           noise_schedule, classes)
+        peak = f" (peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)" if cuda else ""
         if done > start:
-            print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet")
+            print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet{peak}")
         else:  # --resume of a finished run: no step, so ckpt.pt was not saved; the export is written again
             print(f"train.py: the run was already at step {done} (--max-steps {args.max_steps}): nothing trained, "
                   f"{ckpt_path} unchanged; wrote {args.out_dir}/unet again")

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,13 +28,13 @@ import torch
 from diffusers import DDPMPipeline
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py, in the root
+ROOT = Path(__file__).resolve().parents[1]  # the pipeline scripts
+sys.path.insert(0, str(ROOT))  # model.py
 import model
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s); --peak-tflops overrides
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}  # autocast dtype: name
-CONFIGS = ["fp32 eager", "+ autocast", "+ channels_last", "+ fused AdamW", "+ compile"]  # each adds one speed-up
 
 
 def timed(fn, device, repeat, warmup=None):
@@ -63,65 +64,51 @@ def guarded(fn, device):
     return {"error": "OOM"}
 
 
-def bench_train(args, device, batch, level, dtype, flops, peak):
-    """The training step train.py runs, with the speed-ups of CONFIGS[1:level + 1] switched on: its row."""
-    torch._dynamo.reset()  # compile afresh per configuration: no dynamic-shape graph from another batch size
-    torch.manual_seed(0)
-    cuda, fmt = device.type == "cuda", torch.channels_last if level >= 2 else torch.contiguous_format
-    unet = model.build_unet(args.image_size, args.preset).to(device, memory_format=fmt).train()
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    params, ema_params = list(unet.parameters()), list(ema.parameters())
-    fused = level >= 3 and (cuda or torch.__version__ >= (2, 4))  # fused AdamW on a CPU: torch >= 2.4
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)  # train.py's weight decay: AdamW's default
-    fwd = torch.compile(unet) if level >= 4 else unet
-    amp = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
-    alpha_bar = model.make_schedule().alphas_cumprod.to(device)
-    weight = model.loss_weights(alpha_bar)  # train.py's defaults: v target, plain MSE
-    x0 = torch.randn(batch, 1, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, len(model.CLASSES), (batch,), device=device)
-
-    def step():  # train.py's step: noise, label dropout, weighted MSE, backward, clip, AdamW, EMA
-        t = torch.randint(0, model.NUM_TIMESTEPS, (batch,), device=device)
-        eps = torch.randn_like(x0)
-        y_in = y.masked_fill(torch.rand(batch, device=device) < 0.1, model.null_label(unet))  # as train.drop_labels
-        with amp:
-            pred = fwd(model.add_noise(x0, eps, t, alpha_bar), t, class_labels=y_in).sample.float()
-        loss = (weight[t] * (pred - model.target(x0, eps, t, alpha_bar)).pow(2).mean((1, 2, 3))).mean()
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(ema_params, params, 1e-4)  # as train.ema_update
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    s = timed(step, device, args.timed_steps)
-    return {"ms_per_step": 1e3 * s, "img_s": batch / s, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
-            if cuda else None, "mfu": 3 * flops * batch / s / peak if peak else None}
+def run_script(cmd, log):
+    """python <a pipeline script> args, as a user runs it, output into log -> (exit code, seconds)."""
+    print(f"$ python {' '.join(cmd)}", file=log, flush=True)
+    t0 = time.perf_counter()
+    exit_code = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], stdout=log,
+                               stderr=subprocess.STDOUT).returncode
+    return exit_code, time.perf_counter() - t0
 
 
-def whole_loop(args, device):
-    """--gpu-check: prepare_data.py --demo, train.py, sample.py run here as a user runs them (bench.py imports model.py
+def bench_train(args, data, batch, flags, work):
+    """train.py itself on `data` with `flags`: --timed-steps steps of warm-up (compile, cuDNN autotune), then as many
+    timed by train.py's own clock (the img/s of its last metrics.csv row). A run out of memory: an OOM row."""
+    run, n = os.path.join(work, "run"), args.timed_steps
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = ["train.py", "--data-dir", data, "--out-dir", run, "--preset", args.preset, "--image-size",
+           str(args.image_size), "--batch-size", str(batch), "--max-steps", str(2 * n), "--log-every", str(n),
+           "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--device", args.device, *flags]
+    with open(os.path.join(work, "train.log"), "w+") as log:
+        exit_code, _ = run_script(cmd, log)
+        log.seek(0)
+        out = log.read()
+    if exit_code:
+        if "out of memory" in out:  # torch.cuda.OutOfMemoryError, or an older torch's RuntimeError
+            return {"error": "OOM"}
+        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit(f"bench.py: error: train.py {' '.join(flags)} failed (exit {exit_code}): "
+                         f"{out.strip().splitlines()[-1] if out.strip() else ''}")
+    img_s = float(np.genfromtxt(os.path.join(run, "metrics.csv"), delimiter=",", names=True)["img_per_s"][-1])
+    peak = re.search(r"peak CUDA memory ([0-9.]+) GiB", out)
+    return {"ms_per_step": 1e3 * batch / img_s, "img_s": img_s, "peak_mem_gib": float(peak[1]) if peak else None,
+            "mfu": 3 * args.flops * img_s / args.peak if args.peak else None}
+
+
+def whole_loop(args, data, work):
+    """--gpu-check: train.py and sample.py on the demo data, run here as a user runs them (bench.py imports model.py
     alone), into gpu_check.log (what a time limit cuts short leaves is there); metrics.csv and the grid copied out."""
-    steps, dev, out, rows = args.train_steps, ["--device", device.type], args.out_dir, []
-    root = Path(__file__).resolve().parents[1]  # the pipeline scripts
-    # the data, ckpt.pt (1.8 GB at base) and the export stay out of --out-dir
-    with tempfile.TemporaryDirectory() as work, open(os.path.join(out, "gpu_check.log"), "w") as log:
-        data, run = os.path.join(work, "data"), os.path.join(work, "run")
-        for cmd in (["prepare_data.py", "--demo", "--out", data, "--size", str(args.image_size)],
-                    ["train.py", "--data-dir", data, "--out-dir", run, "--preset", args.preset, "--batch-size", "8",
+    steps, dev, out, rows = args.train_steps, ["--device", args.device], args.out_dir, []
+    run = os.path.join(work, "loop")  # ckpt.pt (1.8 GB at base) and the export stay out of --out-dir
+    with open(os.path.join(out, "gpu_check.log"), "a") as log:
+        for cmd in (["train.py", "--data-dir", data, "--out-dir", run, "--preset", args.preset, "--batch-size", "8",
                      "--max-steps", str(steps), "--log-every", "10", "--eval-every", str(max(1, steps // 3)),
                      "--sample-every", str(steps), "--save-every", str(steps), *dev],
                     ["sample.py", "--ckpt", run, "--class", "all", "--n", "4", "--out", os.path.join(work, "s"), *dev]):
-            print(f"$ python {' '.join(cmd)}", file=log, flush=True)
-            t0 = time.perf_counter()
-            exit_code = subprocess.run([sys.executable, str(root / cmd[0]), *cmd[1:]], stdout=log,
-                                       stderr=subprocess.STDOUT).returncode
-            rows.append({"command": " ".join(cmd).replace(work, "$WORK"), "seconds": time.perf_counter() - t0,
-                         "exit": exit_code})
+            exit_code, seconds = run_script(cmd, log)
+            rows.append({"command": " ".join(cmd).replace(work, "$WORK"), "seconds": seconds, "exit": exit_code})
             if exit_code:
                 return {"commands": rows}  # the log says why; bench.md shows the exit code
         shutil.copy(os.path.join(run, "metrics.csv"), os.path.join(out, "metrics.csv"))
@@ -155,11 +142,14 @@ def main(argv=None):
     p.add_argument("--sample-batch", type=int, default=64, help="images per sampling batch")
     p.add_argument("--compile", action="store_true", help="add the + compile row at each batch size")
     p.add_argument("--gpu-check", action="store_true", help="base, 256 px, batch 8 and 32, every row, sampling "
-                   "batch 8, then prepare_data.py --demo + train.py + sample.py here (with --quick: tiny, on a CPU)")
+                   "batch 8, and first train.py + sample.py on the demo data (with --quick: tiny, on a CPU)")
+    p.add_argument("--data-dir", default=None, help="prepared data train.py is timed on (default: prepare_data.py "
+                   "--demo at --image-size, in a temporary folder)")
     p.add_argument("--train-steps", type=int, default=300, help="--gpu-check: train.py steps of the whole loop")
     p.add_argument("--quick", action="store_true", help="tiny preset, 32 px, small batches: a CPU smoke test")
     # ---- measurement ----
-    p.add_argument("--timed-steps", "--steps", type=int, default=20, help="timed training steps per configuration")
+    p.add_argument("--timed-steps", "--steps", type=int, default=20, help="train.py steps timed per configuration "
+                   "(after as many to warm up)")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="steps of the ddpm sampler and of DDPMPipeline")
     p.add_argument("--png-images", type=int, default=64, help="PNGs written (1024x1024, like NIH) to time decoding")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: datasheet bf16)")
@@ -176,7 +166,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: error: --device cuda: no CUDA device here (use --device cpu)")
     try:
-        flops = model.flops_per_image(model.build_unet(args.image_size, args.preset), args.image_size)
+        args.flops = flops = model.flops_per_image(model.build_unet(args.image_size, args.preset), args.image_size)
         batches = [int(b) for b in args.batch_sizes.split(",")]
         os.makedirs(args.out_dir, exist_ok=True)
     except (ValueError, OSError) as e:
@@ -185,6 +175,7 @@ def main(argv=None):
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(model.auto_amp(device))  # as train.py and sample.py
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
+    args.peak, work = peak, tempfile.mkdtemp(prefix="bench-")  # work: the demo data and train.py's runs
     report = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "preset": args.preset, "image_size": args.image_size, "flops_per_image_fwd": flops,
               "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "datasheet dense bf16"}
@@ -199,8 +190,18 @@ def main(argv=None):
     say(f"**{name}**, torch {torch.__version__}, {report['date']}: {args.preset} {args.image_size} px, "
         f"{flops / 1e9:.1f} GFLOP per forward, peak {peak} FLOP/s ({report['peak_source']})\n")
 
+    # ---- 0. the data train.py is timed on, and (--gpu-check) train.py and sample.py whole on it
+    data = args.data_dir or os.path.join(work, "data")
+    log_name = "gpu_check.log" if args.gpu_check else "prepare.log"
+    with open(os.path.join(args.out_dir if args.gpu_check else work, log_name), "w") as log:
+        cmd = ["prepare_data.py", "--demo", "--out", data, "--size", str(args.image_size)]
+        exit_code, seconds = (0, 0.0) if args.data_dir else run_script(cmd, log)
+    if exit_code:
+        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit(f"bench.py: error: prepare_data.py --demo failed (exit {exit_code}); see {log.name}")
     if args.gpu_check:  # first: whatever fails or runs out of time later, this part is in --out-dir
-        report["loop"] = loop = whole_loop(args, device)
+        report["loop"] = loop = whole_loop(args, data, work)
+        loop["commands"].insert(0, {"command": " ".join(cmd).replace(work, "$WORK"), "seconds": seconds, "exit": 0})
         say("| the whole loop on this device (its output: gpu_check.log) | seconds | exit |\n|---|---:|---:|",
             *(f"| `python {r['command']}` | {r['seconds']:.0f} | {r['exit']} |" for r in loop["commands"]))
         if "loss" in loop:
@@ -228,19 +229,25 @@ def main(argv=None):
     say(f"\ndata: PNG decode+resize {png_per_s:.0f} img/s/worker, cache {cache_per_s:.0f} img/s/worker: "
         f"x{cache_per_s / png_per_s:.0f}\n")
 
-    # ---- 2. the training step, one speed-up more per row (bench_train)
+    # ---- 2. train.py, one speed-up more per row (its flags; bench_train runs it)
     report["train"] = []
-    say("| batch | training step | precision | ms/step | img/s | peak GiB | MFU | over fp32 eager |\n"
+    say("| batch | train.py | precision | ms/step | img/s | peak GiB | MFU | over fp32 eager |\n"
         "|---:|---|---|---:|---:|---:|---:|---:|")
+    amp_flag = model.auto_amp(device) if amp else "bf16"  # the CPU: bf16 autocast, as train.py --amp bf16
+    configs = [("fp32 eager", ["--amp", "off", "--no-fast-path"]),
+               ("+ autocast", ["--amp", amp_flag, "--no-fast-path"]),
+               ("+ channels_last, fused AdamW", ["--amp", amp_flag, "--fast-path"]),
+               ("+ compile", ["--amp", amp_flag, "--fast-path", "--compile"])][:4 if args.compile else 3]
     for batch in batches:
-        for level, config in enumerate(CONFIGS[:5 if args.compile else 4]):
-            dtype = (amp or torch.bfloat16) if level else None  # the CPU: bf16 autocast, as train.py --amp bf16
-            r = {"batch": batch, "config": config, "precision": PRECISION[dtype],
-                 **guarded(partial(bench_train, args, device, batch, level, dtype, flops, peak), device)}
+        for level, (config, flags) in enumerate(configs):
+            r = {"batch": batch, "config": config, "precision": PRECISION[(amp or torch.bfloat16) if level else None],
+                 "flags": " ".join(flags), **bench_train(args, data, batch, flags, work)}
             report["train"].append(r)
-            say(f"| {batch} | {config} | {r['precision']} | {r.get('error') or cell(r, 'ms_per_step', '.1f')} | "
-                f"{cell(r, 'img_s', '.1f')} | {cell(r, 'peak_mem_gib', '.1f')} | {cell(r, 'mfu', '.1%')} | "
+            say(f"| {batch} | {config} (`{r['flags']}`) | {r['precision']} | "
+                f"{r.get('error') or cell(r, 'ms_per_step', '.1f')} | {cell(r, 'img_s', '.1f')} | "
+                f"{cell(r, 'peak_mem_gib', '.1f')} | {cell(r, 'mfu', '.1%')} | "
                 f"{ratio(r, report['train'][-1 - level])} |")
+    shutil.rmtree(work, ignore_errors=True)
 
     # ---- 3. sampling as sample.py does it (the default sampler with and without guidance; ddpm) vs DDPMPipeline
     torch.manual_seed(0)
@@ -273,7 +280,7 @@ def main(argv=None):
     # ---- 4. the speed targets (one H100/H200, base UNet, 256 px) beside this run's figures; never asserted
     best = {b: max([r for r in report["train"] if r["batch"] == b and "img_s" in r], key=lambda r: r["img_s"],
                    default=None) for b in (8, 32)}
-    eager = next((r for r in report["train"] if r["batch"] == 32 and r["config"] == CONFIGS[0]), {})
+    eager = next((r for r in report["train"] if r["batch"] == 32 and r["config"] == "fp32 eager"), {})
     say("\n| target (one H100/H200, base, 256 px) | measured | target |\n|---|---:|---|",
         f"| MFU at batch 32, fastest row | {cell(best[32], 'mfu', '.1%')} | >= 45% |",
         f"| batch 32, fastest row over fp32 eager | {ratio(best[32] or {}, eager)} | >= x3 |",

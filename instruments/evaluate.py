@@ -418,7 +418,7 @@ def clean(v):
     return int(v) if isinstance(v, np.integer) else v
 
 
-def main(argv=None):
+def parse_args(argv):  # the flags, checked
     p = argparse.ArgumentParser(description="Are synthetic CXRs fit for augmentation?", formatter_class=HelpFormatter)
     # ---- data ----
     p.add_argument("--data-dir", required=True, help="prepare_data.py output (train/val/test.csv, cache.npy)")
@@ -454,7 +454,7 @@ def main(argv=None):
     # ---- system ----
     p.add_argument("--seed", type=int, default=0, help="seed for training, subsampling and the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, else cpu), cuda or cpu")
-    args, t_start = p.parse_args(argv), time.time()
+    args = p.parse_args(argv)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: no CUDA device here (use --device cpu)")
@@ -468,6 +468,138 @@ def main(argv=None):
     if not (0 < args.specificity < 1 and 0 <= args.synthetic_share < 1):
         die(f"--specificity {args.specificity} / --synthetic-share {args.synthetic_share}: must be in (0, 1), [0, 1)")
     set_threads(torch.device(args.device))
+    return args
+
+def utility(args, real, unlabelled, synthetic, keep, classes, out, digests, settings):
+    """Does adding the synthetic films help a classifier on real test films? real: (xtr, ytr, xva, yva, xte, yte, dte);
+    synthetic: (xs, ys), keep: the synthetic films used (--filter). Each arm trained with --utility-seeds seeds, AUC and
+    sensitivity on the real test films with bootstrap intervals; settings gets n_pseudo and n_synthetic_used."""
+    (xtr, ytr, xva, yva, xte, yte, dte), x_unl, (xs, ys) = real, unlabelled, synthetic
+    B, dev = args.batch_size, args.device
+    seeds = [args.seed + k for k in range(args.utility_seeds)]
+    xk, yk = xs[keep], ys[keep]
+    x_all, y_all = np.concatenate([xtr, xk]), np.concatenate([ytr, yk])
+    # arm: (films, labels, where synthetic ones start, fit() options); "train": the classes drawn alike (the rare
+    # class's films oversampled); diff: "train+synth" - "train"
+    sets = {"train": (xtr, ytr, None, {}), "train+synth": (x_all, y_all, len(xtr), {}),
+            **({"synth": (xk, yk, None, {})} if len(np.unique(yk)) > 1 else {})}
+    if args.baselines:  # what a researcher can do without a generator, and the synthetic films on the best of it
+        sets |= {"train-weighted": (xtr, ytr, None, {"weighted": True}),
+                 "train-aug": (xtr, ytr, None, {"aug": True}),
+                 "train+synth-aug": (x_all, y_all, len(xtr), {"aug": True}),
+                 "synth>train": (xtr, ytr, None, {"init": "train+synth"})}  # trained on both, fine-tuned on real
+
+    def fitted(m, sd):  # arm m's classifier of seed sd ("init": the arm whose classifier it starts from)
+        opts = {k: fitted(v, sd) if k == "init" else v for k, v in sets[m][3].items()}
+        return fit(*sets[m][:2], xva, yva, args, "real" if m == "train" else m, out, sd, digests, sets[m][2],
+                   **opts)[0]
+    probs = {m: [predict(fitted(m, sd), xte, B, dev)[0] for sd in seeds] for m in sets}
+    if args.baselines and len(x_unl):  # pseudo-labels: the real classifier labels the unlabelled train films; its
+        probs["pseudo"], n_pseudo = [], []  # sure calls join the real films, and a classifier is trained again
+        for sd in seeds:
+            p_unl = predict(fitted("train", sd), x_unl, B, dev)[0]  # (N_unlabelled, K)
+            sure = p_unl.max(1) >= PSEUDO_CONF
+            sets["pseudo"] = (np.concatenate([xtr, x_unl[sure]]), np.concatenate([ytr, p_unl[sure].argmax(1)]),
+                              None, {})
+            probs["pseudo"].append(predict(fitted("pseudo", sd), xte, B, dev)[0])
+            n_pseudo.append(np.bincount(p_unl[sure].argmax(1), minlength=len(classes)))
+        settings["n_pseudo"] = dict(zip(classes, np.mean(n_pseudo, 0).round(1)))  # per class, mean
+    if args.ceiling:  # every real film: the classifier the cheap ways and the synthetic films try to reach
+        (xc, yc, _), (_, _, dte_c) = [load_split(args.ceiling, s, args.size, args.workers)
+                                      for s in ("train", "test")]
+        if classes_of(args.ceiling) != classes or list(dte_c["image_index"]) != list(dte["image_index"]):
+            die(f"--ceiling {args.ceiling}: not the same classes and test films as --data-dir {args.data_dir}")
+        sets["ceiling"] = (xc, yc, None, {})
+        probs["ceiling"] = [predict(fitted("ceiling", sd), xte, B, dev)[0] for sd in seeds]
+    contrast = {"baselines": [m for m in ("train", "train-weighted", "train-aug", "pseudo") if m in probs],
+                "synthetic": [m for m in ("train+synth", "train+synth-aug", "synth>train") if m in probs]}
+    contrast = contrast if args.baselines or args.ceiling else {}  # else "diff" says it all
+    settings["n_synthetic_used"] = int(keep.sum())
+    return {"n_boot": args.n_boot, "seeds": len(seeds), **contrast,
+            **bootstrap_auc(probs, yte, args.n_boot, args.seed, classes, args.specificity, **contrast)}
+
+
+def write_report(report, args, out):
+    """report.json (every figure), and report.md: the headline table first, how to read it, the utility tables"""
+    replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    per_class, summary, counts = report["per_class"], report["summary"], report["settings"]
+    memo = report["memorization"]
+    table = lambda header, rows: "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                                           + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+    num = lambda v, digits=3: "-" if v is None else f"{v:.{digits}f}"
+    ci = lambda d, k=1, dg=2: "-" if d["mean"] is None else num(k * d["mean"], dg) + (
+        "" if d["lo"] is None else f" [{num(k * d['lo'], dg)}, {num(k * d['hi'], dg)}]")
+    pair = lambda d, k=1, dg=2: f"{ci(d['synthetic'], k, dg)} / {ci(d['floor'], k, dg)}"  # synthetic / floor
+    row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_real']}" + (f" ({d['n_drawn']})" if "n_drawn" in d
+                                                                             else ""),
+                           f"{num(d['fidelity'])} / {num(d['accuracy'])}", f"**{num(d['fd_ratio'], 2)}**",
+                           pair(d["grain"]), pair(d["grainy"], 100, 0), ci(d["gradient"]["synthetic"]), pair(d["fd"]),
+                           pair(d["kid"], 1e3, 1),
+                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
+                           d["memorized"]]
+    md = [f"# Synthetic CXR evaluation\n\n{counts['n_synthetic']} synthetic images ({args.samples}) vs real "
+          f"{args.data_dir} (train/val/test {counts['n_train']}/{counts['n_val']}/{counts['n_test']}), {args.size} px, "
+          f"seed {args.seed}. "
+          f"The reference classifier learnt from {counts['n_reference']} train films (macro AUC on real test films "
+          f"{num(report['classifier']['macro_auc'])}); the real pool, what every figure below compares with, holds the "
+          f"{counts['n_pool']} others: the rest of train, val and test.\n",
+          table(["class", "synthetic / real pool (n drawn)", "label fidelity: synthetic / real", "realism: FD ratio",
+                 "texture: grain ratio [95%]: synthetic / floor", "grainy films % [95%]: synthetic / floor",
+                 "gradient ratio [95%]", "FD [95%]: synthetic / floor",
+                 "KID x1000 [95%]: synthetic / floor",
+                 "diversity / real (features, pixels)", "noise-like", "memorized"],
+                [row(name, d) for name, d in per_class.items()] + [row("**mean over classes**", summary)])
+          + "\nHow to read it:",
+          "- **label fidelity**: share of images the classifier calls their class; real: that of the real pool.",
+          f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
+          f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
+          "- **texture**, what the classifier's features barely see: grain (Immerkaer's noise estimate in the flattest "
+          "quarter of each film, gray levels) and mean |gradient| of synthetic films over real ones; 1 = as real; the "
+          "floor's interval is the range real films take against real films at this n: its calibrated range. **Grainy "
+          f"films**: the share grainier than {GRAINY_Q}% of real films ({100 - GRAINY_Q}% of real films are): the "
+          "grain a reader sees in a few films, which a mean over smooth and grainy films hides.",
+          "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
+          "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
+          f"- **noise-like**: grainier than {GRAIN_X:g}x the grainiest real film: noise, not a film. Should be 0.",
+          f"- **memorized**: nearer a training image than all but {MIN_PCT:g}% of real test images (feature cosine > "
+          f"{num(memo['threshold_feature_cosine'], 4)} or pixel r > {num(memo['threshold_pixel_corr'], 4)}): "
+          f"~{MIN_PCT:g}% "
+          "even of new images. See closest_pairs.png and memorization.csv.\n"]
+    if utility := report["utility"]:
+        pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
+        names = [c for c in list(per_class) + ["macro"] if utility["train"][c]["auc"] is not None]
+        arms = {"train": "real train (classes drawn alike)", "train-weighted": "real, class-weighted loss",
+                "train-aug": "real, augmented", "pseudo": "real + pseudo-labelled unlabelled films",
+                "ceiling": "ceiling: every real film", "train+synth": "real + synthetic",
+                "train+synth-aug": "real + synthetic, augmented",
+                "synth>train": "real + synthetic, then fine-tuned on real", "synth": "synthetic only",
+                "diff": "gain: real + synthetic - real", "gain": "**gain: best synthetic arm - best baseline**",
+                "gap": "ceiling gap: ceiling - best baseline"}
+        rows = lambda q: [[label] + [ci(pick(utility[m][c], q), 1, 3) for c in names]
+                          for m, label in arms.items() if m in utility]
+        share = [["share of the gap closed (gain / gap)"] + [
+            num(utility["gain"][c]["auc"] / utility["gap"][c]["auc"], 2) if utility["gap"][c]["auc"] else "-"
+            for c in names]] if "gap" in utility else []
+        md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
+               f"resamples of the test images and {utility['seeds']} training seeds per classifier; "
+               f"{counts['n_synthetic_used']} of the {counts['n_synthetic']} synthetic images used "
+               f"(--filter {args.filter})."
+               + (f" Pseudo-labels: {counts['n_pseudo']} unlabelled train films a seed (the real classifier's calls "
+                  f"at p >= {PSEUDO_CONF:g})." if "n_pseudo" in counts else "")
+               + (" Best arms per class: " + "; ".join(f"{c}: {b['baseline']}, {b['synthetic']}"
+                                                         for c, b in utility["best"].items() if c in names) + "."
+                  if "best" in utility else "") + "\n",
+               table(["AUC"] + names, rows("auc") + share),
+               f"\nThe same classifiers' sensitivity at specificity {args.specificity:g} (cases found at that "
+               "false-alarm rate):\n", table(["sensitivity"] + names, rows("sens"))]
+    replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
+    print("\n".join(md))
+    print(f"evaluate.py: {report['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv "
+          f"to {out}")
+
+
+def main(argv=None):
+    args, t_start = parse_args(argv), time.time()
     out, B, dev, rng = Path(args.out), args.batch_size, args.device, np.random.default_rng(args.seed)
 
     # ---- data
@@ -554,129 +686,13 @@ def main(argv=None):
                    for c, n in enumerate(classes) if n in per_class], out / "grid.png", 128)
 
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
-    report["utility"] = None
-    if not args.no_utility:
-        seeds = [args.seed + k for k in range(args.utility_seeds)]
-        keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
-        xk, yk = xs[keep], ys[keep]
-        x_all, y_all = np.concatenate([xtr, xk]), np.concatenate([ytr, yk])
-        # arm: (films, labels, where synthetic ones start, fit() options); "train": the classes drawn alike (the rare
-        # class's films oversampled); diff: "train+synth" - "train"
-        sets = {"train": (xtr, ytr, None, {}), "train+synth": (x_all, y_all, len(xtr), {}),
-                **({"synth": (xk, yk, None, {})} if len(np.unique(yk)) > 1 else {})}
-        if args.baselines:  # what a researcher can do without a generator, and the synthetic films on the best of it
-            sets |= {"train-weighted": (xtr, ytr, None, {"weighted": True}),
-                     "train-aug": (xtr, ytr, None, {"aug": True}),
-                     "train+synth-aug": (x_all, y_all, len(xtr), {"aug": True}),
-                     "synth>train": (xtr, ytr, None, {"init": "train+synth"})}  # trained on both, fine-tuned on real
-
-        def fitted(m, sd):  # arm m's classifier of seed sd ("init": the arm whose classifier it starts from)
-            opts = {k: fitted(v, sd) if k == "init" else v for k, v in sets[m][3].items()}
-            return fit(*sets[m][:2], xva, yva, args, "real" if m == "train" else m, out, sd, digests, sets[m][2],
-                       **opts)[0]
-        probs = {m: [predict(fitted(m, sd), xte, B, dev)[0] for sd in seeds] for m in sets}
-        if args.baselines and len(x_unl):  # pseudo-labels: the real classifier labels the unlabelled train films; its
-            probs["pseudo"], n_pseudo = [], []  # sure calls join the real films, and a classifier is trained again
-            for sd in seeds:
-                p_unl = predict(fitted("train", sd), x_unl, B, dev)[0]  # (N_unlabelled, K)
-                sure = p_unl.max(1) >= PSEUDO_CONF
-                sets["pseudo"] = (np.concatenate([xtr, x_unl[sure]]), np.concatenate([ytr, p_unl[sure].argmax(1)]),
-                                  None, {})
-                probs["pseudo"].append(predict(fitted("pseudo", sd), xte, B, dev)[0])
-                n_pseudo.append(np.bincount(p_unl[sure].argmax(1), minlength=len(classes)))
-            report["settings"]["n_pseudo"] = dict(zip(classes, np.mean(n_pseudo, 0).round(1)))  # per class, mean
-        if args.ceiling:  # every real film: the classifier the cheap ways and the synthetic films try to reach
-            (xc, yc, _), (_, _, dte_c) = [load_split(args.ceiling, s, args.size, args.workers)
-                                          for s in ("train", "test")]
-            if classes_of(args.ceiling) != classes or list(dte_c["image_index"]) != list(dte["image_index"]):
-                die(f"--ceiling {args.ceiling}: not the same classes and test films as --data-dir {args.data_dir}")
-            sets["ceiling"] = (xc, yc, None, {})
-            probs["ceiling"] = [predict(fitted("ceiling", sd), xte, B, dev)[0] for sd in seeds]
-        contrast = {"baselines": [m for m in ("train", "train-weighted", "train-aug", "pseudo") if m in probs],
-                    "synthetic": [m for m in ("train+synth", "train+synth-aug", "synth>train") if m in probs]}
-        contrast = contrast if args.baselines or args.ceiling else {}  # else "diff" says it all
-        report["settings"]["n_synthetic_used"] = int(keep.sum())
-        report["utility"] = {"n_boot": args.n_boot, "seeds": len(seeds), **contrast,
-                             **bootstrap_auc(probs, yte, args.n_boot, args.seed, classes, args.specificity,
-                                             **contrast)}
+    keep = {"none": np.ones(len(xs), bool), "recognised": hit_s, "new": ~flag, "both": hit_s & ~flag}[args.filter]
+    report["utility"] = None if args.no_utility else utility(
+        args, (xtr, ytr, xva, yva, xte, yte, dte), x_unl, (xs, ys), keep, classes, out, digests, report["settings"])
 
     # ---- 5. report: report.json, and report.md with the headline table first
     report = clean({**report, "seconds": time.time() - t_start})
-    replace_file(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    per_class, summary, counts = report["per_class"], report["summary"], report["settings"]
-    memo = report["memorization"]
-    table = lambda header, rows: "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                                           + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
-    num = lambda v, digits=3: "-" if v is None else f"{v:.{digits}f}"
-    ci = lambda d, k=1, dg=2: "-" if d["mean"] is None else num(k * d["mean"], dg) + (
-        "" if d["lo"] is None else f" [{num(k * d['lo'], dg)}, {num(k * d['hi'], dg)}]")
-    pair = lambda d, k=1, dg=2: f"{ci(d['synthetic'], k, dg)} / {ci(d['floor'], k, dg)}"  # synthetic / floor
-    row = lambda name, d: [name, f"{d['n_synthetic']} / {d['n_real']}" + (f" ({d['n_drawn']})" if "n_drawn" in d
-                                                                             else ""),
-                           f"{num(d['fidelity'])} / {num(d['accuracy'])}", f"**{num(d['fd_ratio'], 2)}**",
-                           pair(d["grain"]), pair(d["grainy"], 100, 0), ci(d["gradient"]["synthetic"]), pair(d["fd"]),
-                           pair(d["kid"], 1e3, 1),
-                           f"{num(d['diversity_features'], 2)}, {num(d['diversity_pixels'], 2)}", d["noise_like"],
-                           d["memorized"]]
-    md = [f"# Synthetic CXR evaluation\n\n{counts['n_synthetic']} synthetic images ({args.samples}) vs real "
-          f"{args.data_dir} (train/val/test {counts['n_train']}/{counts['n_val']}/{counts['n_test']}), {args.size} px, "
-          f"seed {args.seed}. "
-          f"The reference classifier learnt from {counts['n_reference']} train films (macro AUC on real test films "
-          f"{num(report['classifier']['macro_auc'])}); the real pool, what every figure below compares with, holds the "
-          f"{counts['n_pool']} others: the rest of train, val and test.\n",
-          table(["class", "synthetic / real pool (n drawn)", "label fidelity: synthetic / real", "realism: FD ratio",
-                 "texture: grain ratio [95%]: synthetic / floor", "grainy films % [95%]: synthetic / floor",
-                 "gradient ratio [95%]", "FD [95%]: synthetic / floor",
-                 "KID x1000 [95%]: synthetic / floor",
-                 "diversity / real (features, pixels)", "noise-like", "memorized"],
-                [row(name, d) for name, d in per_class.items()] + [row("**mean over classes**", summary)])
-          + "\nHow to read it:",
-          "- **label fidelity**: share of images the classifier calls their class; real: that of the real pool.",
-          f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
-          f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
-          "- **texture**, what the classifier's features barely see: grain (Immerkaer's noise estimate in the flattest "
-          "quarter of each film, gray levels) and mean |gradient| of synthetic films over real ones; 1 = as real; the "
-          "floor's interval is the range real films take against real films at this n: its calibrated range. **Grainy "
-          f"films**: the share grainier than {GRAINY_Q}% of real films ({100 - GRAINY_Q}% of real films are): the "
-          "grain a reader sees in a few films, which a mean over smooth and grainy films hides.",
-          "- **KID**: unbiased at any n (compares runs of other sizes); an interval holding 0 found no difference.",
-          "- **diversity**: mean distance between two synthetic images over two real ones; << 1: the same image again.",
-          f"- **noise-like**: grainier than {GRAIN_X:g}x the grainiest real film: noise, not a film. Should be 0.",
-          f"- **memorized**: nearer a training image than all but {MIN_PCT:g}% of real test images (feature cosine > "
-          f"{num(memo['threshold_feature_cosine'], 4)} or pixel r > {num(memo['threshold_pixel_corr'], 4)}): "
-          f"~{MIN_PCT:g}% "
-          "even of new images. See closest_pairs.png and memorization.csv.\n"]
-    if utility := report["utility"]:
-        pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
-        names = [c for c in list(per_class) + ["macro"] if utility["train"][c]["auc"] is not None]
-        arms = {"train": "real train (classes drawn alike)", "train-weighted": "real, class-weighted loss",
-                "train-aug": "real, augmented", "pseudo": "real + pseudo-labelled unlabelled films",
-                "ceiling": "ceiling: every real film", "train+synth": "real + synthetic",
-                "train+synth-aug": "real + synthetic, augmented",
-                "synth>train": "real + synthetic, then fine-tuned on real", "synth": "synthetic only",
-                "diff": "gain: real + synthetic - real", "gain": "**gain: best synthetic arm - best baseline**",
-                "gap": "ceiling gap: ceiling - best baseline"}
-        rows = lambda q: [[label] + [ci(pick(utility[m][c], q), 1, 3) for c in names]
-                          for m, label in arms.items() if m in utility]
-        share = [["share of the gap closed (gain / gap)"] + [
-            num(utility["gain"][c]["auc"] / utility["gap"][c]["auc"], 2) if utility["gap"][c]["auc"] else "-"
-            for c in names]] if "gap" in utility else []
-        md += [f"## Utility: AUC on real test images of classifiers trained on...\n\n95% intervals over {args.n_boot} "
-               f"resamples of the test images and {utility['seeds']} training seeds per classifier; "
-               f"{counts['n_synthetic_used']} of the {counts['n_synthetic']} synthetic images used "
-               f"(--filter {args.filter})."
-               + (f" Pseudo-labels: {counts['n_pseudo']} unlabelled train films a seed (the real classifier's calls "
-                  f"at p >= {PSEUDO_CONF:g})." if "n_pseudo" in counts else "")
-               + (" Best arms per class: " + "; ".join(f"{c}: {b['baseline']}, {b['synthetic']}"
-                                                         for c, b in utility["best"].items() if c in names) + "."
-                  if "best" in utility else "") + "\n",
-               table(["AUC"] + names, rows("auc") + share),
-               f"\nThe same classifiers' sensitivity at specificity {args.specificity:g} (cases found at that "
-               "false-alarm rate):\n", table(["sensitivity"] + names, rows("sens"))]
-    replace_file(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
-    print("\n".join(md))
-    print(f"evaluate.py: {report['seconds']:.0f} s; wrote report.md, report.json, the figures and memorization.csv "
-          f"to {out}")
+    write_report(report, args, out)
     return report
 
 
