@@ -15,8 +15,8 @@ import sys
 import zipfile
 
 import numpy as np
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+import torch  # diffusers is imported where it is used: 2-3 s that --help, a mistyped flag and
+# evaluate.py (which needs no UNet of ours) would otherwise wait for at every start
 
 CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]  # NIH's six: the
 # classes of a prepared folder or a checkpoint that names none (from before prepare_data.py --classes); see classes_of
@@ -43,6 +43,7 @@ def build_unet(image_size=256, preset="auto", num_classes=len(CLASSES)):
     preset = pick_preset(preset, image_size)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from auto, {', '.join(PRESETS)}")
+    from diffusers import UNet2DModel
     channels, layers, groups = PRESETS[preset]
     smallest = max(32, 4 * 2 ** (len(channels) - 1))  # the lowest level keeps at least 4x4 pixels
     if image_size < smallest or image_size & (image_size - 1):
@@ -69,6 +70,7 @@ def classes_of(data_dir):
 
 def flops_per_image(model, image_size):
     """Forward-pass FLOPs for one image (a multiply-add counts 2), counted on the meta device: no memory, no time."""
+    from diffusers import UNet2DModel
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
         t = torch.zeros(1, dtype=torch.long)
@@ -82,6 +84,7 @@ def flops_per_image(model, image_size):
 
 
 def make_schedule(prediction="v_prediction", shift=1.0):  # diffusers' names: v_prediction or epsilon
+    from diffusers import DDPMScheduler
     kw = dict(num_train_timesteps=NUM_TIMESTEPS, prediction_type=prediction, clip_sample=True)
     linear = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **kw)
     if shift == 1.0:
@@ -122,13 +125,13 @@ def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=None): 
 # Samplers, all run in the one loop of sample(). The diffusers ones are built on the training schedule's config (its
 # betas); ddpm is the ancestral 1000-step sampler, the others deterministic fast solvers. ddim-2m: ddim_2m_step().
 
-SAMPLERS = {  # "trailing" spacing: the first step starts at t=999, pure noise, at any step count (Lin et al. 2023)
-    "ddim-2m": None,
-    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg, timestep_spacing="trailing"),
-    "ddim": lambda cfg: DDIMScheduler.from_config(cfg, timestep_spacing="trailing"),
+SAMPLERS = {  # name: (diffusers scheduler, its options); "trailing" spacing: the first step starts at t=999, pure
+    "ddim-2m": None,  # noise, at any step count (Lin et al. 2023)
+    "ddpm": ("DDPMScheduler", dict(timestep_spacing="trailing")),
+    "ddim": ("DDIMScheduler", dict(timestep_spacing="trailing")),
     # x0 kept in [-1, 1], as ddpm/ddim's clip_sample does: without it a few-step solver can run away to noise
-    "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
-                                                                 thresholding=True, sample_max_value=1.0),
+    "dpm++": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2, thresholding=True,
+                                                  sample_max_value=1.0)),
 }
 DEFAULT_STEPS = {"ddim-2m": 25, "ddpm": 1000, "ddim": 50, "dpm++": 25}
 RHO, T_MIN = 7.0, 2  # ddim-2m's steps: noise levels spaced as Karras et al. (2022), from t=999 down to T_MIN
@@ -151,6 +154,12 @@ def karras_timesteps(steps, alpha_bar):
     return torch.from_numpy(t)
 
 
+def diffusers_scheduler(name, config):  # SAMPLERS[name] built on a schedule's config (its betas)
+    import diffusers
+    scheduler, options = SAMPLERS[name]
+    return getattr(diffusers, scheduler).from_config(config, **options)
+
+
 def make_sampler(name, steps, schedule=None):
     """-> (diffusers scheduler, None for ddim-2m; timesteps (steps,) long, high noise first)"""
     if name not in SAMPLERS:
@@ -161,7 +170,7 @@ def make_sampler(name, steps, schedule=None):
     schedule = schedule or make_schedule()
     if SAMPLERS[name] is None:
         return None, karras_timesteps(steps, schedule.alphas_cumprod)
-    scheduler = SAMPLERS[name]({**schedule.config, "prediction_type": "epsilon"})  # fed eps
+    scheduler = diffusers_scheduler(name, {**schedule.config, "prediction_type": "epsilon"})  # fed eps
     scheduler.set_timesteps(steps)
     return scheduler, scheduler.timesteps
 
@@ -282,6 +291,7 @@ def unet_config(model):  # as plain JSON types: diffusers' FrozenDict is not wei
 
 
 def unet_from_checkpoint(ckpt, ema=True):
+    from diffusers import UNet2DModel
     model = UNet2DModel.from_config(ckpt["unet_config"])
     model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
     return model.eval()
@@ -342,7 +352,7 @@ def export_pretrained(model, out_dir, schedule=None, classes=CLASSES):
     tmp = os.path.join(out_dir, "export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash mid-export
     model.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
-    scheduler = SAMPLERS[CARD_SAMPLER]((schedule or make_schedule()).config)
+    scheduler = diffusers_scheduler(CARD_SAMPLER, (schedule or make_schedule()).config)
     # write every value: diffusers re-reads the ones it marks as defaults from whatever version loads the file
     scheduler = type(scheduler).from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
     scheduler.save_pretrained(os.path.join(tmp, "scheduler"))

@@ -58,7 +58,7 @@ def test_shift_divides_every_snr_and_stays_a_diffusers_schedule():
     linear, shifted = model.make_schedule().alphas_cumprod.double(), model.make_schedule(shift=2.0).alphas_cumprod.double()
     snr = lambda a: a / (1 - a)
     assert torch.allclose(snr(shifted), snr(linear) / 4, rtol=1e-4)  # SNR / shift^2 at every t
-    ddim = model.SAMPLERS["ddim"](model.make_schedule("v_prediction", 2.0).config)  # built from the config alone
+    ddim = model.diffusers_scheduler("ddim", model.make_schedule("v_prediction", 2.0).config)  # built from the config alone
     assert torch.allclose(ddim.alphas_cumprod.double(), shifted) and ddim.config.prediction_type == "v_prediction"
 
 
