@@ -77,6 +77,8 @@ def run_script(cmd, log):
 def bench_train(args, data, batch, flags, work):
     """train.py itself on `data` with `flags`: --timed-steps steps of warm-up (compile, cuDNN autotune), then as many
     timed by train.py's own clock (the img/s of its last metrics.csv row). A run out of memory: an OOM row."""
+    if "--fast-path" in flags and args.device == "cpu" and torch.__version__ < (2, 4):
+        return {"error": "needs torch 2.4"}  # fused AdamW on a CPU came with torch 2.4: train.py refuses it before
     run, n = os.path.join(work, "run"), args.timed_steps
     shutil.rmtree(run, ignore_errors=True)
     cmd = ["train.py", "--data-dir", data, "--out-dir", run, "--preset", args.preset, "--image-size",
