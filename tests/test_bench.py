@@ -30,37 +30,6 @@ def spy_on_scripts(monkeypatch, fake=None):
     return calls
 
 
-def test_quick_bench_times_train_py_itself_and_writes_bench_json(tmp_path, monkeypatch):
-    calls = spy_on_scripts(monkeypatch)
-    report = bench.main([*QUICK, "--timed-steps", "2", "--peak-tflops", "1", "--out-dir", str(tmp_path)])
-    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
-    assert report["preset"] == "tiny" and report["image_size"] == 32 and report["flops_per_image_fwd"] > 0
-    d = report["data"]
-    assert math.isclose(d["cache_over_png"], d["cache_img_s_per_worker"] / d["png_decode_img_s_per_worker"])
-    # one speed-up more per row (compile only with --compile); on the CPU autocast is bf16, as train.py --amp bf16
-    assert [(r["batch"], r["config"], r["precision"], r["flags"]) for r in report["train"]] == [
-        (8, "fp32 eager", "fp32", "--amp off --no-fast-path"),
-        (8, "+ autocast", "bf16 autocast", "--amp bf16 --no-fast-path"),
-        (8, "+ channels_last, fused AdamW", "bf16 autocast", "--amp bf16 --fast-path")]
-    # each row is train.py itself on the demo data: 2 steps to warm up, 2 timed (its own clock, its img/s)
-    fused = torch.__version__ >= (2, 4)  # fused AdamW on a CPU came with torch 2.4: before, that row says so
-    assert calls[0][:2] == ["prepare_data.py", "--demo"]
-    assert [c[0] for c in calls] == ["prepare_data.py"] + (3 if fused else 2) * ["train.py"]
-    assert fused or report["train"][2]["error"] == "needs torch 2.4"
-    for cmd, r in zip(calls[1:], report["train"]):
-        assert " ".join(cmd).endswith("--batch-size 8 --max-steps 4 --log-every 2 --eval-every 0 --sample-every 0 "
-                                      f"--save-every 0 --device cpu {r['flags']}")
-        assert math.isclose(r["img_s"], 8 / (r["ms_per_step"] / 1e3))
-        assert math.isclose(r["mfu"], 3 * report["flops_per_image_fwd"] * r["img_s"] / 1e12)  # --peak-tflops 1
-        assert r["peak_mem_gib"] is None  # a CUDA figure
-    assert [(r["sampler"], r["precision"]) for r in report["sample"]] == [  # sample.py's precision: fp32 on a CPU
-        ("ddim-2m 25, guidance 1.25", "fp32"), ("ddim-2m 25, no guidance", "fp32"), ("ddpm 2", "fp32"),
-        ("DDPMPipeline 2", "fp32")]
-    assert all(r["img_s"] > 0 for r in report["sample"])
-    md = (tmp_path / "bench.md").read_text()
-    assert "| 8 | + channels_last, fused AdamW (`--amp bf16 --fast-path`) | bf16 autocast |" in md
-
-
 def test_a_configuration_out_of_memory_is_an_oom_row_and_the_others_still_run(tmp_path, monkeypatch, capsys):
     def oom(cmd, stdout):  # the fp32 eager train.py run does not fit (as batch 32, 256 px on 80 GB); the others run
         if cmd[0] != "train.py":  # (stood in for: their metrics.csv, as train.py writes it)
@@ -81,7 +50,8 @@ def test_a_configuration_out_of_memory_is_an_oom_row_and_the_others_still_run(tm
         return real_sample(unet, labels, sampler, *a, **kw)
     spy_on_scripts(monkeypatch, oom)
     monkeypatch.setattr(model, "sample", sample)
-    report = bench.main([*QUICK, "--out-dir", str(tmp_path)])
+    no_data = ["--data-dir", str(tmp_path / "data")]  # train.py is stood in for: no demo data to prepare
+    report = bench.main([*QUICK, *no_data, "--out-dir", str(tmp_path)])
     assert report == json.loads((tmp_path / "bench.json").read_text())
     eager, *faster = report["train"]
     assert eager == {"batch": 8, "config": "fp32 eager", "precision": "fp32", "flags": "--amp off --no-fast-path",
@@ -102,7 +72,7 @@ def test_a_configuration_out_of_memory_is_an_oom_row_and_the_others_still_run(tm
             return subprocess.CompletedProcess(cmd, 1)
     spy_on_scripts(monkeypatch, bug)
     with pytest.raises(SystemExit, match="train.py --amp off --no-fast-path failed .exit 1.: ValueError: mat1"):
-        bench.main([*QUICK, "--out-dir", str(tmp_path / "bug")])
+        bench.main([*QUICK, *no_data, "--out-dir", str(tmp_path / "bug")])
 
 
 def test_errors_other_than_out_of_memory_are_not_swallowed():
@@ -113,13 +83,16 @@ def test_errors_other_than_out_of_memory_are_not_swallowed():
     assert bench.guarded(lambda: {"img_s": 1.0}, torch.device("cpu")) == {"img_s": 1.0}
 
 
-def test_gpu_check_runs_whole_on_a_cpu_at_a_tiny_scale(tmp_path):
-    """The GPU check, as a GPU runs it, on a CPU with --quick: tables with the targets, then prepare_data.py
-    --demo, train.py and sample.py as subprocesses, a loss curve and a sample grid. These six files are all it
-    writes."""
-    report = bench.main(["--gpu-check", *QUICK, "--train-steps", "12", "--out-dir", str(tmp_path)])
+def test_gpu_check_runs_whole_on_a_cpu_and_times_train_py_itself(tmp_path, monkeypatch):
+    """The GPU check, as a GPU runs it, on a CPU with --quick: prepare_data.py --demo, train.py and sample.py as
+    subprocesses (a loss curve and a sample grid), then the tables, each training row train.py itself on the same
+    demo data, and the targets. These six files are all it writes."""
+    calls = spy_on_scripts(monkeypatch)
+    report = bench.main(["--gpu-check", *QUICK, "--timed-steps", "2", "--peak-tflops", "1", "--train-steps", "12",
+                         "--out-dir", str(tmp_path)])
     files = {"bench.json", "bench.md", "gpu_check.log", "metrics.csv", "loss_curve.png", "samples.png"}
     assert {p.name for p in tmp_path.iterdir()} == files
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
     assert [r["exit"] for r in report["loop"]["commands"]] == [0, 0, 0]
     assert all(math.isfinite(v) for v in report["loop"]["loss"] + report["loop"]["val_loss"])
     md = (tmp_path / "bench.md").read_text()
@@ -129,3 +102,28 @@ def test_gpu_check_runs_whole_on_a_cpu_at_a_tiny_scale(tmp_path):
     assert "wrote 24 synthetic images" in (tmp_path / "gpu_check.log").read_text()  # sample.py ran on the checkpoint
     grid, curve = Image.open(tmp_path / "samples.png"), Image.open(tmp_path / "loss_curve.png")
     assert grid.text["synthetic"] == "1" and grid.height == 6 * 32 and curve.size == (640, 360)
+
+    assert report["preset"] == "tiny" and report["image_size"] == 32 and report["flops_per_image_fwd"] > 0
+    d = report["data"]
+    assert math.isclose(d["cache_over_png"], d["cache_img_s_per_worker"] / d["png_decode_img_s_per_worker"])
+    # one speed-up more per row (compile: not with --quick); on the CPU autocast is bf16, as train.py --amp bf16
+    assert [(r["batch"], r["config"], r["precision"], r["flags"]) for r in report["train"]] == [
+        (8, "fp32 eager", "fp32", "--amp off --no-fast-path"),
+        (8, "+ autocast", "bf16 autocast", "--amp bf16 --no-fast-path"),
+        (8, "+ channels_last, fused AdamW", "bf16 autocast", "--amp bf16 --fast-path")]
+    # each row is train.py itself on the loop's demo data: 2 steps to warm up, 2 timed (its own clock, its img/s)
+    fused = torch.__version__ >= (2, 4)  # fused AdamW on a CPU came with torch 2.4: before, that row says so
+    assert [c[0] for c in calls] == ["prepare_data.py", "train.py", "sample.py"] + (3 if fused else 2) * ["train.py"]
+    assert fused or report["train"][2]["error"] == "needs torch 2.4"
+    for cmd, r in zip(calls[3:], report["train"]):
+        assert cmd[cmd.index("--data-dir") + 1] == calls[1][calls[1].index("--data-dir") + 1]
+        assert " ".join(cmd).endswith("--batch-size 8 --max-steps 4 --log-every 2 --eval-every 0 --sample-every 0 "
+                                      f"--save-every 0 --device cpu {r['flags']}")
+        assert math.isclose(r["img_s"], 8 / (r["ms_per_step"] / 1e3))
+        assert math.isclose(r["mfu"], 3 * report["flops_per_image_fwd"] * r["img_s"] / 1e12)  # --peak-tflops 1
+        assert r["peak_mem_gib"] is None  # a CUDA figure
+    assert [(r["sampler"], r["precision"]) for r in report["sample"]] == [  # sample.py's precision: fp32 on a CPU
+        ("ddim-2m 25, guidance 1.25", "fp32"), ("ddim-2m 25, no guidance", "fp32"), ("ddpm 2", "fp32"),
+        ("DDPMPipeline 2", "fp32")]
+    assert all(r["img_s"] > 0 for r in report["sample"])
+    assert "| 8 | + channels_last, fused AdamW (`--amp bf16 --fast-path`) | bf16 autocast |" in md
