@@ -91,7 +91,6 @@ def bench_train(args, data, batch, flags, work):
     if exit_code:
         if "out of memory" in out:  # torch.cuda.OutOfMemoryError, or an older torch's RuntimeError
             return {"error": "OOM"}
-        shutil.rmtree(work, ignore_errors=True)
         raise SystemExit(f"bench.py: error: train.py {' '.join(flags)} failed (exit {exit_code}): "
                          f"{out.strip().splitlines()[-1] if out.strip() else ''}")
     img_s = float(np.genfromtxt(os.path.join(run, "metrics.csv"), delimiter=",", names=True)["img_per_s"][-1])
@@ -178,7 +177,9 @@ def main(argv=None):
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(model.auto_amp(device))  # as train.py and sample.py
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
-    args.peak, work = peak, tempfile.mkdtemp(prefix="bench-")  # work: the demo data and train.py's runs
+    # the demo data and train.py's runs; removed after the training table, or at exit (an error on the way)
+    args.peak, scratch = peak, tempfile.TemporaryDirectory(prefix="bench-")
+    work = scratch.name
     report = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "preset": args.preset, "image_size": args.image_size, "flops_per_image_fwd": flops,
               "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "datasheet dense bf16"}
@@ -200,7 +201,6 @@ def main(argv=None):
         cmd = ["prepare_data.py", "--demo", "--out", data, "--size", str(args.image_size)]
         exit_code, seconds = (0, 0.0) if args.data_dir else run_script(cmd, log)
     if exit_code:
-        shutil.rmtree(work, ignore_errors=True)
         raise SystemExit(f"bench.py: error: prepare_data.py --demo failed (exit {exit_code}); see {log.name}")
     if args.gpu_check:  # first: whatever fails or runs out of time later, this part is in --out-dir
         report["loop"] = loop = whole_loop(args, data, work)
@@ -250,7 +250,7 @@ def main(argv=None):
                 f"{r.get('error') or cell(r, 'ms_per_step', '.1f')} | {cell(r, 'img_s', '.1f')} | "
                 f"{cell(r, 'peak_mem_gib', '.1f')} | {cell(r, 'mfu', '.1%')} | "
                 f"{ratio(r, report['train'][-1 - level])} |")
-    shutil.rmtree(work, ignore_errors=True)
+    scratch.cleanup()
 
     # ---- 3. sampling as sample.py does it (the default sampler with and without guidance; ddpm) vs DDPMPipeline
     torch.manual_seed(0)
