@@ -6,6 +6,7 @@ model.py - the module every script imports: class-conditional UNet, noise schedu
     x0 = sample(unet, labels, sampler="ddim-2m", steps=25, guidance=1.25)  # (B, 1, H, W) in [-1, 1]
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -26,6 +27,8 @@ NUM_TIMESTEPS = 1000
 # The UNet: diffusers' UNet2DModel, 1 channel in and out, a learned embedding per class added to the timestep
 # embedding, and one more, the null class ("no label", = the number of classes), that classifier-free guidance
 # trains and samples with. Attention at the 16x16 level (affordable there, and global) and in the middle block.
+# Multi-label (prepare_data.py --labels multi): a learned vector per finding, summed over the film's findings
+# (No Finding: none, the zero vector), and the null label's vector; labels are (B, F + 1) 0/1, the last column null.
 
 PRESETS = {  # name: (channels per resolution level, resnet layers per level, GroupNorm groups)
     "base":  ((128, 128, 256, 256, 512, 512), 2, 32),  # the standard diffusers 256x256 DDPM UNet, ~114M
@@ -39,7 +42,20 @@ def pick_preset(preset, image_size):
     return AUTO.get(image_size, "base") if preset == "auto" else preset
 
 
-def build_unet(image_size=256, preset="auto", num_classes=len(CLASSES)):
+class MultiHotEmbedding(torch.nn.Embedding):
+    """(B, F + 1) 0/1 -> (B, D): the sum of the vectors of the findings set (the last one: the null label). The weight
+    is nn.Embedding's, so the export loads as a plain UNet2DModel (its model card shows the sum)."""
+    def forward(self, y):
+        return y.to(self.weight.dtype) @ self.weight
+
+
+def multi_hot(unet):  # swap the class embedding for the summed one, same weight (B, F + 1) -> (B, D); returns unet
+    e = unet.class_embedding
+    unet.class_embedding = MultiHotEmbedding(e.num_embeddings, e.embedding_dim, _weight=e.weight.data)
+    return unet
+
+
+def build_unet(image_size=256, preset="auto", num_classes=len(CLASSES), multi_label=False):
     preset = pick_preset(preset, image_size)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from auto, {', '.join(PRESETS)}")
@@ -49,14 +65,30 @@ def build_unet(image_size=256, preset="auto", num_classes=len(CLASSES)):
     if image_size < smallest or image_size & (image_size - 1):
         raise ValueError(f"image size {image_size} does not fit preset {preset!r}: use a power of two >= {smallest}")
     attn = [image_size // 2 ** i == 16 for i in range(len(channels))]
-    return UNet2DModel(sample_size=image_size, in_channels=1, out_channels=1, block_out_channels=channels,
+    unet = UNet2DModel(sample_size=image_size, in_channels=1, out_channels=1, block_out_channels=channels,
                        layers_per_block=layers, norm_num_groups=groups, num_class_embeds=num_classes + 1,
                        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
+    return multi_hot(unet) if multi_label else unet
 
 
 def null_label(unet):  # the class id that means "no label": the last class embedding
     return unet.config.num_class_embeds - 1
+
+
+def null_labels(unet, labels):  # labels (B,) or (B, F + 1) -> the null label in the same form
+    if labels.ndim == 1:
+        return torch.full_like(labels, null_label(unet))
+    return torch.nn.functional.one_hot(torch.full_like(labels[:, 0], null_label(unet), dtype=torch.long),
+                                       labels.shape[1]).to(labels.dtype)
+
+
+def labels_of(data_dir):  # "single" (a class per film) or "multi" (a 0/1 column per finding), from prepare.json
+    try:
+        with open(os.path.join(data_dir, "prepare.json")) as f:
+            return json.load(f).get("labels", "single")
+    except (OSError, ValueError):
+        return "single"
 
 
 def classes_of(data_dir):
@@ -73,8 +105,10 @@ def flops_per_image(model, image_size):
     from diffusers import UNet2DModel
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        t = torch.zeros(1, dtype=torch.long)
-        UNet2DModel.from_config(model.config)(torch.zeros(1, 1, image_size, image_size), t, class_labels=t)
+        t, multi = torch.zeros(1, dtype=torch.long), isinstance(model.class_embedding, MultiHotEmbedding)
+        unet = UNet2DModel.from_config(model.config)
+        y = torch.zeros(1, model.config.num_class_embeds) if multi else t
+        (multi_hot(unet) if multi else unet)(torch.zeros(1, 1, image_size, image_size), t, class_labels=y)
     return counter.get_total_flops()
 
 # -----------------------------------------------------------------------------
@@ -195,7 +229,7 @@ def ddim_2m_step(xt, eps, t, s, alpha_bar, x0_prev=None, t_prev=None, eta=0.0, n
 
 @torch.no_grad()
 def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=None, schedule=None, eta=0.0):
-    """One image per label (B,) -> (B, 1, H, W) float32 in [-1, 1]. generators: one CPU torch.Generator per image, so
+    """One image per label (B,) or label set (B, F + 1) -> (B, 1, H, W) float32 in [-1, 1]. generators: one CPU torch.Generator per image, so
     image i depends on its own seed alone; schedule: the model's training schedule (schedule_of(ckpt)); eta: ddim-2m
     only, the share of DDIM's stochastic noise (Song et al. 2021; 1 = as much as ddpm) added at t in CHURN."""
     device, size, schedule = labels.device, model.config.sample_size, schedule or make_schedule()
@@ -203,7 +237,7 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
     generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]
     noise = lambda: torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)  # per image
     xt = noise()  # (B, 1, H, W): pure noise
-    both = torch.cat([labels, torch.full_like(labels, null_label(model))])  # the class, then the null label
+    both = torch.cat([labels, null_labels(model, labels)])  # the class, then the null label
     extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
     alpha_bar, v = schedule.alphas_cumprod.tolist(), schedule.config.prediction_type == "v_prediction"
     x0_prev = t_prev = None
@@ -293,6 +327,7 @@ def unet_config(model):  # as plain JSON types: diffusers' FrozenDict is not wei
 def unet_from_checkpoint(ckpt, ema=True):
     from diffusers import UNet2DModel
     model = UNet2DModel.from_config(ckpt["unet_config"])
+    model = multi_hot(model) if ckpt.get("labels") == "multi" else model
     model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
     return model.eval()
 
@@ -303,6 +338,11 @@ def unet_from_checkpoint(ckpt, ema=True):
 DEFAULT_SAMPLER = "ddim-2m"  # sample.py's defaults, chosen by measurement (docs/results.md)
 DEFAULT_GUIDANCE = 1.25  # classifier-free guidance scale
 CARD_SAMPLER = "ddim"  # the card's plain-diffusers loop: ddim-2m's first-order part, a diffusers scheduler
+MULTI_EMBED = """
+E = unet.class_embedding.weight.detach()  # ({n}, D): a vector per finding, the last the null label's
+unet.class_embedding = torch.nn.Identity()  # class_labels below are already embedded: a film's findings summed
+onehot = torch.zeros(2, {n})  # (2, {n}): the findings, then the null label
+onehot[0, y], onehot[1, {null}] = 1, 1"""
 
 CARD = """---
 library_name: diffusers
@@ -318,7 +358,7 @@ or share as synthetic (the code below writes `synthetic=1` into the PNG).
 - `scheduler/`: `{cls}` on the training schedule, timestep spacing "{c.timestep_spacing}"; any diffusers scheduler
   can be built from its config. Sampling: {steps} steps, guidance w = {w}: out = out_null + w (out_cond - out_null).
 
-| class_labels | class |
+| {head} |
 |---|---|
 {rows}
 | {null} | null label: the unconditional model, for classifier-free guidance |
@@ -328,11 +368,11 @@ import torch
 from diffusers import UNet2DModel, {cls}
 from PIL import Image, PngImagePlugin
 
-folder, y, w, seed = ".", {y}, {w}, 0  # this folder; class {y} = {y_name}; guidance scale; noise seed
-unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+folder, y, w, seed = ".", {y}, {w}, 0  # this folder; {y_what}; guidance scale; noise seed
+unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval(){embed}
 scheduler = {cls}.from_pretrained(folder, subfolder="scheduler")
 scheduler.set_timesteps({steps})
-size, g, labels = unet.config.sample_size, torch.Generator().manual_seed(seed), torch.tensor([y, {null}])
+size, g, labels = unet.config.sample_size, torch.Generator().manual_seed(seed), {labels}
 x = torch.randn(1, 1, size, size, generator=g) * scheduler.init_noise_sigma  # (1, 1, H, W): pure noise
 with torch.no_grad():
     for t in scheduler.timesteps:  # the class and the null label in one batch of 2
@@ -342,25 +382,38 @@ with torch.no_grad():
 gray = ((x.clamp(-1, 1)[0, 0] + 1) * 127.5).round().byte().numpy()  # (H, W) uint8
 info = PngImagePlugin.PngInfo()
 info.add_text("synthetic", "1")
-Image.fromarray(gray).save(f"synthetic_class{{y}}_seed{{seed}}.png", pnginfo=info)
+Image.fromarray(gray).save(f"synthetic_{fname}_seed{{seed}}.png", pnginfo=info)
 ```
 """
 
 
-def export_pretrained(model, out_dir, schedule=None, classes=CLASSES):
+def export_pretrained(model, out_dir, schedule=None, classes=CLASSES, multi_label=False):
     """Write out_dir/unet, out_dir/scheduler, out_dir/README.md (replacing them); other files in out_dir are kept."""
     tmp = os.path.join(out_dir, "export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash mid-export
+    if multi_label:  # saved as the nn.Embedding it was built from: a plain UNet2DModel (the card sums the vectors)
+        model = copy.deepcopy(model)
+        model.class_embedding = torch.nn.Embedding(model.config.num_class_embeds, model.class_embedding.embedding_dim,
+                                                   _weight=model.class_embedding.weight.data)
     model.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
     scheduler = diffusers_scheduler(CARD_SAMPLER, (schedule or make_schedule()).config)
     # write every value: diffusers re-reads the ones it marks as defaults from whatever version loads the file
     scheduler = type(scheduler).from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
     scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-    y, rows = min(3, len(classes) - 1), "\n".join(f"| {i} | {name} |" for i, name in enumerate(classes))
+    rows, null = "\n".join(f"| {i} | {name} |" for i, name in enumerate(classes)), null_label(model)
+    if multi_label:  # a pair of findings, e.g. Effusion + Atelectasis
+        pair = [i for i, c in enumerate(classes) if c in ("Effusion", "Atelectasis")][::-1] or [0, 1][:len(classes)]
+        card = dict(head="column of class_labels | finding (none set: No Finding)", y=pair, fname="findings",
+                    y_what="findings " + " + ".join(classes[i] for i in pair), labels="onehot @ E",
+                    embed=MULTI_EMBED.format(n=null + 1, null=null))
+    else:
+        y = min(3, len(classes) - 1)
+        card = dict(head="class_labels | class", y=y, y_what=f"class {y} = {classes[y]}", fname="class{y}",
+                    labels=f"torch.tensor([y, {null}])", embed="")
     with open(os.path.join(tmp, "README.md"), "w") as f:  # only ddpm adds noise each step: it takes the generator
-        f.write(CARD.format(size=model.config.sample_size, c=scheduler.config, cls=type(scheduler).__name__, y=y,
-                            y_name=classes[y], rows=rows, null=null_label(model), steps=DEFAULT_STEPS[CARD_SAMPLER],
-                            w=DEFAULT_GUIDANCE, gen=", generator=g" if CARD_SAMPLER == "ddpm" else ""))
+        f.write(CARD.format(size=model.config.sample_size, c=scheduler.config, cls=type(scheduler).__name__, rows=rows,
+                            null=null, steps=DEFAULT_STEPS[CARD_SAMPLER], w=DEFAULT_GUIDANCE, **card,
+                            gen=", generator=g" if CARD_SAMPLER == "ddpm" else ""))
     for name in ("unet", "scheduler", "README.md"):  # each renamed into place whole: no reader sees half a unet/
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))

@@ -38,6 +38,7 @@ from tqdm import tqdm
 CLASSES = ["No Finding", "Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax"]  # default --classes
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
             "Infiltration", "Mass", "No Finding", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
+MULTI = [f for f in FINDINGS if f != "No Finding"]  # --labels multi: a 0/1 column per finding, none = No Finding
 SPLITS, FRACS = ["train", "val", "test"], np.array([0.8, 0.1, 0.1])
 NEEDED = ["Image Index", "Finding Labels", "Patient ID"]
 LIST_COLS = ["image_index", "patient_id", "label", "class_id", "path", "cache_row", "synthetic"]  # + sample.py's
@@ -45,6 +46,7 @@ SIZES = [2 ** k for k in range(5, 11)]  # train.py's UNet takes powers of two >=
 WINDOW_PCT = (0.5, 99.5)  # >8-bit films: these percentiles -> 0..255; min/max let one hot pixel blacken the film
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what a folder-per-class layout may hold
 ERR = "prepare_data.py: error:"
+MULTI_P, MULTI_PATIENTS = 0.3, 160  # --demo --labels multi: P(finding) per patient; 1 in 6 patients has none
 
 
 def bar_pace():  # tqdm keywords: into a log file a redraw a minute (as model.bar_pace; this script has no torch)
@@ -126,6 +128,20 @@ def select_classes(df, M, column_class, columns=FINDINGS):
     return out.sort_values("image_index", kind="stable").reset_index(drop=True)
 
 
+def multi_labels(df, M, csv=""):
+    """NIH layout, --labels multi: every film -> image_index, patient_id, label (its findings joined by |, in MULTI
+    order, or No Finding) and a 0/1 column per finding of MULTI. No Finding beside a finding, or no label, is an error."""
+    F, clear = M[:, [FINDINGS.index(f) for f in MULTI]], M[:, FINDINGS.index("No Finding")]  # (N, 14), (N,)
+    for i in np.flatnonzero(((clear == 1) & (F.sum(1) > 0)) | (M.sum(1) == 0))[:1]:
+        raise SystemExit(f"{ERR} --csv {csv}: '{df['image_index'].iat[i]}' is labelled '{df['labels'].iat[i]}': "
+                         f"--labels multi takes No Finding or findings, not both, not none")
+    codes, sets = np.unique(F, axis=0, return_inverse=True)  # a few hundred distinct label sets: join each once
+    names = np.array(["|".join(np.array(MULTI)[row.astype(bool)]) or "No Finding" for row in codes])
+    out = df[["image_index", "patient_id"]].assign(label=names[sets.ravel()])
+    out[MULTI] = F
+    return out.sort_values("image_index", kind="stable").reset_index(drop=True)
+
+
 def header(csv):  # a label file's column names (stripped): which kind of label file it is
     with contextlib.suppress(ValueError, OSError, EOFError):  # read_labels and read_plain say what is wrong
         return list(pd.read_csv(csv, nrows=0).columns.str.strip())
@@ -180,15 +196,14 @@ def read_folders(root, label_regex=None, patient_regex=None):
     return pd.DataFrame({"image_index": rel, "patient_id": patients, "labels": labels, "path": rows})
 
 
-def split_patients(df, seed=0):
-    """Patient-level 80/10/10 split of df (patient_id, class_id), balanced per class by image count.
-    Greedy: patients go rarest class first, larger patients first (shuffled among equals), each to the split
-    with the largest relative image deficit. Depends only on the label rows and the seed."""
-    pids, inv = np.unique(df["patient_id"].to_numpy(), return_inverse=True)
-    cid = df["class_id"].to_numpy()
-    cid = np.where(cid < 0, cid.max() + 1, cid)  # unlabelled films (class_id -1): a column of their own, split alike
-    V = np.zeros((len(pids), cid.max() + 1))  # (P, C) images per patient and class
-    np.add.at(V, (inv, cid), 1)
+def split_patients(patient_id, Y, seed=0):
+    """Patient-level 80/10/10 split, balanced per class by image count. Y: (N, C) 0/1, the classes each film shows
+    (one per film, or several: a finding per column). Greedy: patients go rarest class first, larger patients first
+    (shuffled among equals), each to the split with the largest relative image deficit over its classes. Depends only
+    on the label rows and the seed."""
+    pids, inv = np.unique(patient_id, return_inverse=True)
+    V = np.zeros((len(pids), Y.shape[1]))  # (P, C) images per patient and class
+    np.add.at(V, inv, Y)
     total = V.sum(0)  # (C,)
     stratum = np.where(V > 0, total, np.inf).argmin(1)  # each patient's rarest class
     order = np.random.default_rng(seed).permutation(len(pids))
@@ -200,6 +215,11 @@ def split_patients(df, seed=0):
         side[p] = s = int((((target - cur) * w) @ V[p]).argmax())  # relative deficit, weighted by its images
         cur[s] += V[p]
     return np.array(SPLITS)[side[inv]]
+
+
+def one_hot(class_id):  # (N,) class ids, -1 for unlabelled -> (N, C + 1): unlabelled films a column of their own
+    cid = np.where(class_id < 0, class_id.max() + 1, class_id)
+    return np.eye(cid.max() + 1)[cid]
 
 
 def index_images(root):
@@ -295,35 +315,36 @@ def vessels(rng, n, hila):
     return np.asarray(im.filter(ImageFilter.GaussianBlur(1.5 * n / 256)), dtype=np.float32) / 255
 
 
-def phantom(rng, a, cls, n=256):
-    """One (n, n) uint8 phantom PA chest film of class cls (index into CLASSES) for patient anatomy a."""
+def phantom(rng, a, findings, n=256):
+    """One (n, n) uint8 phantom PA chest film showing findings (a set of indices into CLASSES: 1 Atelectasis ...
+    5 Pneumothorax; empty: No Finding) for patient anatomy a; the one-sided findings on the side a["side"]."""
     g = np.linspace(-1, 1, n, dtype=np.float32)
     v, u = np.meshgrid(g, g, indexing="ij")  # v down, u right (image left = patient's right): (n, n)
     u, v = u - rng.normal(0, 0.015), v - rng.normal(0, 0.015)  # per-image positioning and inspiration
     a = dict(a, dome=[float(d) + rng.normal(0, 0.015) for d in a["dome"]])  # float32 stays float32
     s, shift = a["side"], 0.0
-    if cls == 1:  # atelectasis: volume loss pulls mediastinum and hemidiaphragm toward the collapsed lobe
+    if 1 in findings:  # atelectasis: volume loss pulls mediastinum and hemidiaphragm toward the collapsed lobe
         shift = 0.06 * s
         a["dome"] = [d - 0.1 * (k == s) for d, k in zip(a["dome"], (-1, 1))]
     body = sig(a["w"] + 0.12 - np.abs(u) - 0.5 * sig(-0.78 - v, 0.04), 0.03)  # chest wall, neck at the top
-    hrx = a["heart"] * (1.6 if cls == 2 else 1.0)  # cardiomegaly: cardiothoracic ratio ~0.65 instead of ~0.42
+    hrx = a["heart"] * (1.6 if 2 in findings else 1.0)  # cardiomegaly: cardiothoracic ratio ~0.65 instead of ~0.42
     hcx = 0.1 + shift + 0.45 * (hrx - a["heart"])  # the left ventricle bulges to image right
     heart = sig(1 - ((u - hcx) / hrx) ** 2 - ((v - a["dome"][1] + 0.12) / 0.27) ** 2, 0.07)
     L = {k: lung(u, v, k, a) * (1 - heart) for k in (-1, 1)}  # heart and mediastinum: no aerated lung
     I, aer, ves = 0.8 * body, 0, a["ves"]  # ves: (n, n) this patient's vessel tree
     for k in (-1, 1):
         air, mk = L[k], ves * L[k]
-        if cls == 5 and k == s:  # pneumothorax: lung collapsed to the hilum, black rim with no markings beyond
+        if 5 in findings and k == s:  # pneumothorax: lung collapsed to the hilum, black rim with no markings beyond
             hx = k * 0.2 * a["w"]
             c = sig(lung(hx + (u - hx) / 0.55, -0.05 + (v + 0.05) / 0.55, k, a) * (1 - heart) - 0.5, 0.06)
             air, mk = air * (1.3 - 0.4 * c), ves * c + 1.5 * (4 * c * (1 - c)) ** 2  # sharp visceral pleural line
-        if cls == 3 and k == s:  # effusion: dependent fluid, meniscus climbing the lateral wall, angle blunted
+        if 3 in findings and k == s:  # effusion: dependent fluid, meniscus climbing the lateral wall, angle blunted
             fluid = sig(v - (a["dome"][int(k > 0)] - 0.3 - 0.3 * ((k * u - 0.12) / 0.7) ** 2), 0.02)
             air, mk = air * (1 - fluid), mk * (1 - fluid)
-        if cls == 1 and k == s:  # atelectasis: dense airless wedge (upper lobe), apex at the hilum
+        if 1 in findings and k == s:  # atelectasis: dense airless wedge (upper lobe), apex at the hilum
             wedge = sig(0.5 - np.abs(np.arctan2(-(v + 0.05), k * u - 0.1) - 1.25), 0.06) * L[k]
             air, mk = air * (1 - 0.95 * wedge), mk * (1 - wedge)
-        if cls == 4 and k == s:  # pneumonia: patchy airspace opacity, mid and lower zone
+        if 4 in findings and k == s:  # pneumonia: patchy airspace opacity, mid and lower zone
             lo = Image.fromarray(rng.normal(0, 1, (10, 10)).astype(np.float32))  # coarse noise -> patches
             lo = np.asarray(lo.resize((n, n), Image.BICUBIC))
             air = air * (1 - 0.7 * sig(np.exp(-((u - k * 0.42) ** 2 + (v - 0.2) ** 2) / 0.12) + 0.3 * lo - 0.5, 0.06))
@@ -343,26 +364,32 @@ def phantom(rng, a, cls, n=256):
     return (255 * I).astype(np.uint8)
 
 
-def make_demo(raw, seed=0):
-    """Write a phantom NIH-style dataset to raw/: Data_Entry_2017.csv (trailing commas) + images_001/images/*.png."""
+def make_demo(raw, seed=0, multi=False):
+    """Write a phantom NIH-style dataset to raw/: Data_Entry_2017.csv (trailing commas) + images_001/images/*.png.
+    multi: each patient shows each of the five findings independently (P = MULTI_P), so films hold several at once."""
     rng, img_dir = np.random.default_rng(seed), os.path.join(raw, "images_001", "images")
     shutil.rmtree(raw, ignore_errors=True)
     os.makedirs(img_dir)
-    cls = rng.permutation(np.repeat(np.arange(6), [70, 16, 10, 16, 10, 12]))  # patients per class, skewed like NIH
+    if multi:  # a set of findings per patient, each drawn on its own: the truth per finding is known
+        sets = [set(np.flatnonzero(rng.random(5) < MULTI_P) + 1) for _ in range(MULTI_PATIENTS)]
+    else:  # one class per patient, skewed like NIH
+        sets = [{c} - {0} for c in rng.permutation(np.repeat(np.arange(6), [70, 16, 10, 16, 10, 12]))]
     lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"]
     info = PngImagePlugin.PngInfo()
     info.add_text("synthetic", "1 (phantom from prepare_data.py --demo)")
-    for pid, c in enumerate(tqdm(cls, desc="demo phantoms", unit="patient", **bar_pace()), start=1):
+    for pid, found in enumerate(tqdm(sets, desc="demo phantoms", unit="patient", **bar_pace()), start=1):
         a = {"w": rng.uniform(0.78, 0.88), "top": rng.uniform(-0.8, -0.7), "rib": rng.uniform(0.125, 0.145),
              "dome": rng.uniform(0.38, 0.48) + np.array([0.0, 0.05]), "heart": rng.uniform(0.31, 0.36),
              "side": int(rng.choice([-1, 1])), "gain": rng.uniform(0.95, 1.1), "gamma": rng.uniform(0.9, 1.1)}
         a["ves"], age = vessels(rng, 256, [(k * 0.2 * a["w"], -0.05, k) for k in (-1, 1)]), rng.integers(20, 80)
-        labels = [c] * int(rng.integers(2, 6)) + ([0] if c and c != 2 and rng.random() < 0.3 else [])  # resolved later
-        for f, y in enumerate(labels):
-            name = f"{pid:08d}_{f:03d}.png"
+        films = [found] * int(rng.integers(2, 6))
+        if not multi and found and found != {2} and rng.random() < 0.3:  # a clear film too (single-label: resolved
+            films.append(set())  # later; cardiomegaly does not clear)
+        for f, y in enumerate(films):
+            name, label = f"{pid:08d}_{f:03d}.png", "|".join(CLASSES[i] for i in sorted(y)) or "No Finding"
             Image.fromarray(phantom(rng, a, y)).save(os.path.join(img_dir, name), pnginfo=info)
-            lines.append(f"{name},{CLASSES[y]},{f},{pid},{age + f // 2},{'MF'[pid % 2]},PA,256,256,0.143,0.143,")
+            lines.append(f"{name},{label},{f},{pid},{age + f // 2},{'MF'[pid % 2]},PA,256,256,0.143,0.143,")
     Path(raw, "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -373,6 +400,8 @@ def main(argv=None):
     p.add_argument("--csv", "--labels-csv", help="NIH's Data_Entry_2017[_v2020].csv[.gz], or a plain CSV with columns "
                    "image, label[, patient]; omit it to read the labels from the folders under --images")
     p.add_argument("--images", help="root holding the images (searched recursively)")
+    p.add_argument("--labels", choices=["single", "multi"], default="single", help="single: one class of --classes "
+                   "per film; multi: every film of an NIH label file, a 0/1 column per finding (NIH's 14)")
     p.add_argument("--classes", default=",".join(CLASSES), help="class names in class_id order, comma-separated; "
                    "Name=label maps a label as the source writes it (a folder name, say) to a class name")
     p.add_argument("--drop-unlisted", action="store_true", help="keep only films labelled with one of --classes; "
@@ -409,7 +438,7 @@ def main(argv=None):
     if args.demo:  # the phantoms are inputs like any other: never regenerated under a prepared dataset
         args.csv, args.images = os.path.join(out, "raw", "Data_Entry_2017.csv"), os.path.join(out, "raw")
         if args.overwrite or not done:
-            make_demo(args.images, args.seed)  # creates --out too
+            make_demo(args.images, args.seed, args.labels == "multi")  # creates --out too
         elif not os.path.isfile(args.csv):
             raise SystemExit(f"{held}, not a demo; pass --overwrite to replace it")
     elif not args.images:
@@ -422,7 +451,19 @@ def main(argv=None):
     if args.csv and not os.path.isfile(args.csv):
         raise SystemExit(f"{ERR} --csv {args.csv}: no such file")
     source = "folders" if not args.csv else "nih" if "Image Index" in header(args.csv) else "csv"
-    if source == "nih":  # the films whose whole label set is one finding that --classes names
+    multi = args.labels == "multi"
+    if multi and source != "nih":
+        raise SystemExit(f"{ERR} --labels multi reads an NIH-layout label file (Image Index, Finding Labels, Patient "
+                         f"ID), not {'a plain CSV' if args.csv else 'folders'}: {args.csv or args.images}")
+    if multi and args.classes != p.get_default("classes"):
+        raise SystemExit(f"{ERR} --classes names the classes of --labels single; --labels multi takes NIH's 14 "
+                         f"findings: {', '.join(MULTI)}")
+    if multi:  # every film, a 0/1 column per finding
+        raw = read_labels(args.csv)
+        df, M, n_dup = drop_duplicates(raw, parse_findings(raw["labels"], args.csv), args.csv)
+        meta, unlisted, names = multi_labels(df, M, args.csv), df.iloc[:0], MULTI
+        findings, what = MULTI, "films (every one: --labels multi)"
+    elif source == "nih":  # the films whose whole label set is one finding that --classes names
         extra = [lab for lab in labels if lab not in map(norm, FINDINGS)]  # your own labels in NIH's layout
         findings = FINDINGS + [names[labels[lab]] for lab in extra]  # the finding columns, named by their class
         raw = read_labels(args.csv)
@@ -449,22 +490,33 @@ def main(argv=None):
             print("no patient ids: every film counts as its own patient. If patients have several films, they can "
                   "land in two splits (leakage): give the label file a patient column, or --patient-regex")
         what = "labelled films"
-    meta["label"] = np.array(names + [""])[meta["class_id"]] if len(meta) else ""  # class_id -1: "" (unlabelled)
+    if multi:  # the split balances every finding, and No Finding, by image count
+        Y = np.column_stack([meta[MULTI].to_numpy(), meta["label"] == "No Finding"])  # (N, 15)
+    else:
+        meta["label"] = np.array(names + [""])[meta["class_id"]] if len(meta) else ""  # class_id -1: "" (unlabelled)
+        Y = one_hot(meta["class_id"].to_numpy()) if len(meta) else np.zeros((0, 1))  # (N, C [+ 1 unlabelled])
     explicit = args.classes != p.get_default("classes")  # a user's own list must be learnable as a whole
+    few = []  # --labels multi: findings too rare for every split, named in one line
     for c, name in enumerate(names):
-        n, pts = (meta.class_id == c).sum(), meta.loc[meta.class_id == c, "patient_id"].nunique()
+        of_c = meta[MULTI[c]].to_numpy() == 1 if multi else meta["class_id"].to_numpy() == c
+        n, pts = of_c.sum(), meta.loc[of_c, "patient_id"].nunique()
         why = "no film" if n == 0 else f"{n} films of {pts} patients" if pts < 3 else ""
-        if why and explicit:
+        if why and multi:
+            few.append(f"{name} ({why})")
+        elif why and explicit:
             raise SystemExit(f"{ERR} --classes: class '{name}' has {why} in {args.csv or args.images}; a patient "
                              f"split into train, val and test needs at least 3 patients")
         elif why:
             print(f"class '{name}' has {why}: not every split will hold it")
-    if (meta.class_id >= 0).sum() == 0:
+    if few:
+        print(f"{len(few)} findings too rare to reach every split (the model learns little or nothing of them): "
+              + ", ".join(few))
+    if not multi and (meta.class_id >= 0).sum() == 0:
         raise SystemExit(f"{ERR} {args.csv or args.images}: no film labelled with one of {names}")
-    meta["split"] = split_patients(meta, args.seed)
+    meta["split"] = split_patients(meta["patient_id"].to_numpy(), Y, args.seed)
     assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
     assert meta["image_index"].is_unique, "an image is in two splits"  # or twice in one: never written
-    n_unl = (meta.class_id < 0).sum()
+    n_unl = 0 if multi else (meta.class_id < 0).sum()
     print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta) - n_unl} {what}"
           + (f" and {n_unl} unlabelled (an empty label: for the generator's null condition only)" if n_unl else "")
           + f" of {meta.patient_id.nunique()} patients" + (f" ({len(unlisted)} of other labels dropped: unlisted.csv)"
@@ -480,7 +532,8 @@ def main(argv=None):
     meta = meta[meta["path"].notna()].reset_index(drop=True)
     if len(missing):
         print(f"{len(missing)} images not found under {args.images} (missing.csv):")
-        print(pd.crosstab(missing.label, missing.split).reindex(index=names, columns=SPLITS, fill_value=0))
+        print(missing["split"].value_counts().reindex(SPLITS, fill_value=0).to_string() if multi else
+              pd.crosstab(missing.label, missing.split).reindex(index=names, columns=SPLITS, fill_value=0))
     if len(meta) == 0:
         raise SystemExit(f"{ERR} --images {args.images}: none of the images in {args.csv} found")
     print(f"labels and paths: {time.time() - t0:.1f}s")
@@ -491,13 +544,13 @@ def main(argv=None):
              "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),  # paths, not contents
              "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache,
              "classes": names, "source": source, "label_map": args.classes, "label_regex": args.label_regex,
-             "patient_regex": args.patient_regex, "drop_unlisted": args.drop_unlisted}
+             "patient_regex": args.patient_regex, "drop_unlisted": args.drop_unlisted, "labels": args.labels}
     if done and not args.overwrite:
         old = {}
         with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
             old = json.load(fh)
         before = {"classes": CLASSES, "source": "nih", "label_map": ",".join(CLASSES), "label_regex": None,
-                  "patient_regex": None, "drop_unlisted": False}  # what a prepare.json from before --classes means
+                  "patient_regex": None, "drop_unlisted": False, "labels": "single"}  # what a prepare.json from before --classes means
         if not (diff := [k for k in stamp if {**before, **old}.get(k) != stamp[k]]):
             return print(f"{out} is already prepared from the same inputs and settings (prepare.json): nothing to do")
         why = f"other {', '.join(diff)}" if old else "no prepare.json"
@@ -521,10 +574,11 @@ def main(argv=None):
             print(f"{len(bad)} unreadable images dropped (bad_images.csv)")
 
     # ---- write: temp name + rename; metadata.parquet, then prepare.json last: they mark a finished dataset ----
-    head = ["image_index", "patient_id", "label", "class_id", "split"]  # the columns every table starts with
+    head = ["image_index", "patient_id", "label"] + ([] if multi else ["class_id"]) + ["split"]  # every table's first
     meta = meta[head + ["path", "cache_row", "synthetic"] + (findings if source == "nih" else [])]
+    listed = [c for c in LIST_COLS if c != "class_id"] + MULTI if multi else LIST_COLS  # multi: the finding columns
     tables = {"missing.csv": missing[head], "bad_images.csv": bad[head + ["path", "error"]],
-              **{f"{sp}.csv": meta.loc[meta.split == sp, LIST_COLS] for sp in SPLITS}}
+              **{f"{sp}.csv": meta.loc[meta.split == sp, listed] for sp in SPLITS}}
     if len(unlisted):
         tables["unlisted.csv"] = unlisted[["image_index", "patient_id", "labels"]].rename(columns={"labels": "label"})
     for name, table in tables.items():
@@ -533,9 +587,14 @@ def main(argv=None):
     replace_file(os.path.join(out, "metadata.parquet"), lambda tmp: pq.write_table(table, tmp))
     replace_file(os.path.join(out, "prepare.json"), lambda tmp: Path(tmp).write_text(json.dumps(stamp, indent=1)))
 
-    rows = names + ([""] if (meta.class_id < 0).any() else [])  # "": the unlabelled films
-    img = pd.crosstab(meta.label, meta.split).reindex(index=rows, columns=SPLITS, fill_value=0)
-    pat = meta.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=rows, columns=SPLITS)
+    if multi:  # films (and patients) per finding and split; a film counts under each of its findings
+        rows = [f for f in MULTI if meta[f].any()] + ["No Finding"]  # the findings it holds
+        long = meta.assign(**{"No Finding": meta["label"] == "No Finding"}).melt(["patient_id", "split"], rows, "label")
+        long = long[long["value"] == 1]
+    else:
+        rows, long = names + ([""] if (meta.class_id < 0).any() else []), meta  # "": the unlabelled films
+    img = pd.crosstab(long.label, long.split).reindex(index=rows, columns=SPLITS, fill_value=0)
+    pat = long.groupby(["label", "split"]).patient_id.nunique().unstack().reindex(index=rows, columns=SPLITS)
     share = (100 * img.div(img.sum(axis=1).clip(lower=1), axis=0)).round(1)
     print(pd.concat({"images": img, "patients": pat.fillna(0).astype(int), "share %": share}, axis=1)
           .rename(index={"": "(unlabelled)"}).to_string())

@@ -4,10 +4,13 @@ sample.py - generate synthetic chest X-rays of chosen pathologies from a trained
     python sample.py --ckpt runs/x/ckpt.pt --class Effusion --n 16
     python sample.py --ckpt runs/x --class all --n 500 --sampler ddim-2m --steps 25 --guidance 1.25 --out samples/
     python sample.py --ckpt runs/x --class "no finding" --class 3 --n 64 --batch-size 64 --out samples/b --overwrite
+    python sample.py --ckpt runs/multi --findings "Effusion+Atelectasis" --findings none --n 16   # --labels multi
+    python sample.py --ckpt runs/multi --match-train 1000   # label sets as often as in the training split
 
 Writes into --out: one 8-bit grayscale PNG per image, <class>_s<seed>_<index>.png, marked synthetic in its PNG
 text chunks; grid_<class>.png per class (a preview, not in the manifest); manifest.csv with train.csv's columns
-plus synthetic=1 and the generation settings, so pd.concat([train, manifest]) is a ready augmentation set.
+plus synthetic=1 and the generation settings, so pd.concat([train, manifest]) is a ready augmentation set (a
+multi-label checkpoint: the finding columns, as its train.csv).
 A rerun gives bitwise the same PNGs; another --batch-size the same images up to rare +-1 gray levels (fp32, CPU).
 """
 import argparse
@@ -54,6 +57,28 @@ def parse_classes(values, classes, ckpt=""):
     return list(dict.fromkeys(i for v in values for i in known[slug(v)]))  # drop repeats, keep order
 
 
+def parse_findings(value, findings, ckpt=""):
+    """--findings "Effusion+Atelectasis" -> (sorted finding indices): names in any case, + between; none: No Finding"""
+    if slug(value) in ("none", "no_finding"):
+        return ()
+    known = {slug(f): i for i, f in enumerate(findings)}
+    for name in value.split("+"):
+        if slug(name) not in known:
+            die(f"--findings {value!r}: {name.strip()!r} is not a finding of {ckpt or 'the checkpoint'}; choose from "
+                f"{', '.join(findings)} (+ between them), or none")
+    return tuple(sorted({known[slug(name)] for name in value.split("+")}))
+
+
+def match_train(label_sets, n, findings):
+    """--match-train n: the training split's label sets ({"Atelectasis|Effusion": films}, the checkpoint's), each
+    given its share of n by largest remainders: every set's count within 1 of n * its frequency -> [(set, count)]"""
+    sets = [parse_findings(k.replace("|", "+"), findings) for k in label_sets]
+    share = n * np.array(list(label_sets.values()), dtype=np.float64) / sum(label_sets.values())
+    count = np.floor(share).astype(int)
+    count[np.argsort(count - share, kind="stable")[:n - count.sum()]] += 1  # largest remainders first
+    return [(s, int(c)) for s, c in zip(sets, count) if c > 0]
+
+
 def save_png(pixels, path, text):
     info = PngInfo()
     for k, v in text.items():
@@ -67,7 +92,7 @@ def grid(images, pad=2):
     cols = math.ceil(math.sqrt(len(images)))
     tiles = np.stack(images + [np.zeros_like(images[0])] * (-len(images) % cols))  # (rows*cols, H, W)
     tiles = np.pad(tiles, ((0, 0), (pad, 0), (pad, 0)))  # a black line above and left of every tile
-    (n, h, w), rows = tiles.shape, len(tiles) // cols
+    (_, h, w), rows = tiles.shape, len(tiles) // cols
     return tiles.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
 
 
@@ -76,9 +101,13 @@ def main(argv=None):
                                 formatter_class=model.HelpFormatter)
     # ---- what to generate ----
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder holding ckpt.pt")
-    p.add_argument("--class", dest="classes", action="append", required=True, metavar="CLASS",
+    p.add_argument("--class", dest="classes", action="append", default=[], metavar="CLASS",
                    help="repeatable: a class of the checkpoint (any case, _ for spaces), a class_id, or all")
-    p.add_argument("--n", type=int, default=16, help="images per class")
+    p.add_argument("--findings", action="append", default=[], metavar="SET", help="repeatable, multi-label "
+                   "checkpoints: findings joined by + (\"Effusion+Atelectasis\"), or none for No Finding")
+    p.add_argument("--match-train", type=int, default=0, metavar="N", help="multi-label checkpoints: N images whose "
+                   "label sets follow the training split's (the natural augmentation set)")
+    p.add_argument("--n", type=int, default=16, help="images per class or --findings set")
     p.add_argument("--seed", type=int, default=0, help="image i of class c always starts from the same noise")
     # ---- sampler ----
     p.add_argument("--sampler", default=model.DEFAULT_SAMPLER, help=f"one of {', '.join(model.SAMPLERS)}")
@@ -105,8 +134,11 @@ def main(argv=None):
         model.make_sampler(sampler, steps)  # an unknown sampler, or steps outside 1..1000
     except ValueError as e:
         die(e)
-    if not 1 <= args.n <= MAX_N:
-        die(f"--n {args.n}: must be between 1 and {MAX_N} images per class")
+    if not 1 <= args.n <= MAX_N or not 0 <= args.match_train <= MAX_N:
+        die(f"--n {args.n} / --match-train {args.match_train}: must be between 1 and {MAX_N} images")
+    if not (args.classes or args.findings or args.match_train) or (args.findings and args.match_train):
+        die("ask for one of: --class (a class of the checkpoint, a class_id, or all), --findings or --match-train "
+            "(multi-label checkpoints)")
     if args.batch_size < 1:
         die(f"--batch-size {args.batch_size}: must be at least 1")
     if not 1 <= args.guidance < math.inf:
@@ -128,10 +160,27 @@ def main(argv=None):
         die(f"--ckpt {e}")
     except (KeyError, RuntimeError) as e:  # a project checkpoint whose weights are missing or do not fit its config
         die(f"--ckpt {args.ckpt}: cannot build the UNet from it ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    names = list(ckpt["classes"])  # the class names it was trained on, in class_id order
+    names = list(ckpt["classes"])  # the class names (or findings) it was trained on, in class_id (column) order
     if unet.config.num_class_embeds != len(names) + 1:
         die(f"--ckpt {args.ckpt}: {len(names)} class names for a UNet with {unet.config.num_class_embeds} embeddings")
-    classes = parse_classes(args.classes, names, args.ckpt)
+    multi = ckpt.get("labels") == "multi"
+    if multi and args.classes:
+        die(f"--class: {args.ckpt} is a multi-label checkpoint: ask with --findings \"Effusion+Atelectasis\" (of "
+            f"{', '.join(names)}; none: No Finding) or --match-train N")
+    if not multi and (args.findings or args.match_train):
+        die(f"--findings / --match-train: {args.ckpt} is a single-label checkpoint: ask with --class "
+            f"({', '.join(names)}, or all)")
+    # what to draw, per class or label set: (its name, its label for the UNet, its seed base, its manifest columns
+    # and PNG text, how many); an image's noise is seeded by (seed, class or set, index) alone
+    if multi:
+        sets = (match_train(ckpt["label_sets"], args.match_train, names) if args.match_train else
+                [(parse_findings(v, names, args.ckpt), args.n) for v in args.findings])
+        plan = [("|".join(names[f] for f in s) or "No Finding", [float(f in s) for f in range(len(names))] + [0.0],
+                 (args.seed * 16_384 + sum(1 << f for f in s)) * 100_003,  # 14 findings: 2^14 sets, all distinct
+                 {name: int(f in s) for f, name in enumerate(names)}, n) for s, n in dict(sets).items()]
+    else:  # with i < MAX_N, < 10 classes: all distinct
+        plan = [(names[c], c, args.seed * 1_000_003 + c * 100_003, {"class_id": c}, args.n)
+                for c in parse_classes(args.classes, names, args.ckpt)]
     sha = hashlib.sha256()
     with open(os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt, "rb") as f:
         while chunk := f.read(1 << 20):  # 1 MiB at a time (hashlib.file_digest needs Python 3.11)
@@ -153,31 +202,31 @@ def main(argv=None):
     settings = dict(sampler=sampler, steps=steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
                     checkpoint_sha256=sha.hexdigest())
     text = {**SYNTHETIC, **settings, "weights": "model" if args.no_ema else "ema", "amp": amp.replace("off", "fp32")}
-    jobs = [(c, i) for c in classes for i in range(args.n)]
-    rows, previews = [], {c: [] for c in classes}
+    jobs = [(g, i) for g, (*_, n) in enumerate(plan) for i in range(n)]
+    grids = [("match_train", "match_train") if args.match_train else (slug(p[0]), p[0]) for p in plan]  # a grid per
+    rows, previews = [], {key: [] for key in grids}  # class or set, or one of all: (file name, PNG text)
     t0, bar = time.time(), tqdm(total=len(jobs), desc=f"{sampler} {steps} steps w={args.guidance}", unit="img",
                                    **model.bar_pace())
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b:b + args.batch_size]
-        labels = torch.tensor([c for c, _ in batch], device=device)  # (B,)
-        # seeded by (seed, class, index) alone, so its batch never matters; with i < MAX_N, < 10 classes: all distinct
-        generators = [torch.Generator().manual_seed(args.seed * 1_000_003 + c * 100_003 + i) for c, i in batch]
+        labels = torch.tensor([plan[g][1] for g, _ in batch], device=device)  # (B,) or (B, F + 1)
+        generators = [torch.Generator().manual_seed(plan[g][2] + i) for g, i in batch]  # its batch never matters
         with torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off"):
             x0 = model.sample(unet, labels, sampler, steps, args.guidance, generators, schedule, args.eta)  # (B,1,H,W)
         pixels = ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()[:, 0]  # (B, H, W)
-        for (c, i), im in zip(batch, pixels):
-            name, label = f"{slug(names[c])}_s{args.seed}_{i:05d}.png", names[c]
-            save_png(im, os.path.join(out, name), {**text, "class": label, "class_id": c, "index": i})
-            rows.append(dict(image_index=name, patient_id=None, label=label, class_id=c, path=os.path.join(out, name)))
-            if len(previews[c]) < GRID_MAX:
-                previews[c].append(im)
+        for (g, i), im in zip(batch, pixels):
+            label, _, _, columns, _ = plan[g]
+            name, what = f"{slug(label)}_s{args.seed}_{i:05d}.png", "findings" if multi else "class"
+            save_png(im, os.path.join(out, name), {**text, what: label, **({} if multi else columns), "index": i})
+            rows.append(dict(image_index=name, patient_id=None, label=label, **columns, path=os.path.join(out, name)))
+            if len(previews[grids[g]]) < GRID_MAX:
+                previews[grids[g]].append(im)
         bar.update(len(batch))
     bar.close()
     dt = time.time() - t0
 
-    for c, ims in previews.items():
-        name = f"grid_{slug(names[c])}.png"  # a preview: not in the manifest, never a training image
-        save_png(grid(ims), os.path.join(out, name), {**text, "class": names[c]})
+    for (name, label), ims in previews.items():  # a preview: not in the manifest, never a training image
+        save_png(grid(ims), os.path.join(out, f"grid_{name}.png"), {**text, "class": label})
     manifest = pd.DataFrame(rows).assign(synthetic=1, **settings)  # train.csv's columns (no cache_row) + these
     model.replace_file(os.path.join(out, "manifest.csv"), lambda tmp: manifest.to_csv(tmp, index=False))
     print(f"wrote {len(rows)} synthetic images, {len(previews)} grids and manifest.csv to {out} "

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from model import (AUTO, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NUM_TIMESTEPS, PRESETS, HelpFormatter,
                    add_noise, auto_amp, bar_pace, build_unet, classes_of, export_pretrained, load_checkpoint,
-                   loss_weights, make_schedule, null_label, pick_preset, replace_file, sample, save_checkpoint,
+                   labels_of, loss_weights, make_schedule, null_labels, pick_preset, replace_file, sample, save_checkpoint,
                    set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
@@ -139,7 +139,8 @@ def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; 
 
 
 def drop_labels(y, cond_drop, g, null):  # classifier-free guidance training: a label becomes null with p = cond_drop
-    return y.masked_fill(torch.rand(y.shape, generator=g, device=y.device) < cond_drop, null)
+    drop = torch.rand(len(y), generator=g, device=y.device) < cond_drop  # (B,): a film's whole label set at once
+    return torch.where(drop.view(-1, *[1] * (y.ndim - 1)), null, y)  # null: null_labels(unet, y)
 
 # -----------------------------------------------------------------------------
 # data: the order of training images is a function of (seed, position) alone, so --resume is exact
@@ -147,6 +148,8 @@ def drop_labels(y, cond_drop, g, null):  # classifier-free guidance training: a 
 
 def class_weights(class_id, balance):
     """Per-image draw weight n_c^0, n_c^-1/2 or n_c^-1: class shares become proportional to n, sqrt(n), 1."""
+    if class_id.ndim > 1:  # label sets (--labels multi): films drawn as they come (parse_args refuses --balance)
+        return torch.ones(len(class_id), dtype=torch.float64)
     power = {"none": 0.0, "sqrt": -0.5, "inverse": -1.0}[balance]
     n = np.bincount(class_id).astype(np.float64)
     return torch.from_numpy(n[class_id] ** power)
@@ -173,7 +176,8 @@ def rank_batches(stream, batch_size, rank, world):
 
 
 def load_batch(rows, cache, cache_row, path, class_id, size):
-    """Runs in a DataLoader worker. rows: indices into the split. Returns uint8 (B, 1, H, W), labels (B,)."""
+    """Runs in a DataLoader worker. rows: indices into the split. Returns uint8 (B, 1, H, W), labels (B,) or
+    (B, F + 1) (--labels multi: the finding columns and the null column)."""
     if cache is not None:  # memory-mapped: only these rows are read from disk
         x = open_cache(cache)[cache_row[rows]]
     else:  # Pillow antialiases when it shrinks; never flipped
@@ -181,19 +185,27 @@ def load_batch(rows, cache, cache_row, path, class_id, size):
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(class_id[rows])
 
 
-def read_split(data_dir, split, classes):
+def read_split(data_dir, split, classes, multi=False):
     """-> load_batch's cache_row, path and class_id, as arrays. An unlabelled film (class_id -1, an empty label) gets
-    the null label, len(classes): it trains the unconditional model only, and --balance draws it as a group."""
+    the null label, len(classes): it trains the unconditional model only, and --balance draws it as a group.
+    multi: class_id is (N, F + 1) float32, the finding columns of the split (classes) and a null column of 0."""
     csv = os.path.join(data_dir, f"{split}.csv")
     if not os.path.isfile(csv):
         die(f"--data-dir {data_dir}: no {split}.csv; prepare the data first: python prepare_data.py "
             f"--csv Data_Entry_2017.csv --images /data/nih --out {data_dir}  (or --demo --out {data_dir} --size 64)")
     df = pd.read_csv(csv)
-    missing = {"class_id", "path", "cache_row"} - set(df.columns)
+    missing = ({*classes} if multi else {"class_id"}) | {"path", "cache_row"}
+    missing -= set(df.columns)
     if missing:
         die(f"{csv}: no column {sorted(missing)[0]!r}; rerun prepare_data.py")
     if len(df) == 0:
         die(f"{csv}: the {split} split has no rows")
+    if multi:  # 0/1 per finding; the null column is set only where a label is dropped
+        Y = df[classes].to_numpy(np.float32)
+        if (bad := np.flatnonzero(~np.isin(Y, (0, 1)).all(1)))[:1].size:
+            die(f"{csv}: row {bad[0] + 2}: finding columns hold other values than 0 and 1; rerun prepare_data.py")
+        return {"cache_row": df["cache_row"].to_numpy(), "path": df["path"].to_numpy(),
+                "class_id": np.concatenate([Y, np.zeros((len(df), 1), np.float32)], 1)}
     named = np.array(classes + [None])[df["class_id"].clip(-1, len(classes))]  # -1 and too large: None
     unlabelled = (df["class_id"] == -1) & df["label"].isna()  # an empty label: a film for the null label only
     if (bad := np.flatnonzero((named != df["label"].to_numpy()) & ~unlabelled))[:1].size:
@@ -201,6 +213,13 @@ def read_split(data_dir, split, classes):
             f"class of {data_dir} ({', '.join(classes)}); rerun prepare_data.py")
     df["class_id"] = df["class_id"].mask(unlabelled, len(classes))
     return {c: df[c].to_numpy() for c in ("cache_row", "path", "class_id")}
+
+
+def label_sets(classes, y):
+    """--labels multi: {"Atelectasis|Effusion": films} over the split's label sets y (N, F + 1), for the checkpoint:
+    sample.py --match-train draws in these proportions"""
+    sets, films = np.unique(y[:, :-1].astype(bool), axis=0, return_counts=True)
+    return {"|".join(np.array(classes)[s]) or "No Finding": int(n) for s, n in zip(sets, films)}
 
 
 def open_cache(path):  # memory-mapped; a copy cut short (an interrupted copy) fails np.load's header or size checks
@@ -234,9 +253,21 @@ def val_loss(loss_per_image, unet, val_set, batch_size):
     return total.item() / n
 
 
-def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule, classes):
-    """One row per class, EMA weights, sample.py's default sampler, the same seeds every time so grids compare."""
-    labels = torch.arange(len(classes), device=device).repeat_interleave(per_class)  # (classes * per_class,)
+def grid_rows(classes, train, multi):
+    """The rows of a sample grid: (names, labels (R,) or (R, F + 1)): every class; or No Finding and each finding
+    the training films hold (--labels multi), alone."""
+    if not multi:
+        return classes, torch.arange(len(classes))
+    held = np.flatnonzero(train["class_id"][:, :-1].sum(0) > 0)  # findings with films
+    eye = torch.eye(len(classes) + 1)
+    return ["No Finding"] + [classes[f] for f in held], torch.cat([torch.zeros(1, len(classes) + 1), eye[held]])
+
+
+def save_grid(ema, path, per_class, guidance, step, device, autocast, schedule, grid):
+    """One row per class (grid_rows), EMA weights, sample.py's default sampler, the same seeds every time so grids
+    compare."""
+    classes, labels = grid
+    labels = labels.to(device).repeat_interleave(per_class, 0)  # (classes * per_class[, F + 1])
     with autocast():
         x = sample(ema, labels, DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], guidance,
                    [torch.Generator().manual_seed(i) for i in range(len(labels))], schedule)
@@ -312,10 +343,13 @@ def setup_precision(args, device):
 
 
 def load_data(args, ckpt):
-    """-> (classes, train, val, cache, size). Sets what follows from the data in args, so the checkpoint records it:
-    the image size, the preset, the LR and the warmup."""
+    """-> (classes, multi, train, val, cache, size). Sets what follows from the data in args, so the checkpoint
+    records it: the image size, the preset, the LR and the warmup."""
     classes = classes_of(args.data_dir)  # names in class_id order (prepare.json): they size the class embedding
-    train, val = read_split(args.data_dir, "train", classes), read_split(args.data_dir, "val", classes)
+    multi = labels_of(args.data_dir) == "multi"  # classes: the findings, a 0/1 column each
+    if multi and args.balance != "none":
+        die(f"--balance {args.balance}: draws by class; {args.data_dir} holds label sets (--labels multi)")
+    train, val = (read_split(args.data_dir, split, classes, multi) for split in ("train", "val"))
     cached = cache_size(args.data_dir)
     cache = os.path.join(args.data_dir, "cache.npy") if cached else None
     args.image_size = size = args.image_size or cached or 256
@@ -324,10 +358,12 @@ def load_data(args, ckpt):
     args.warmup_steps = min(1000, args.max_steps // WARMUP_SHARE) if args.warmup_steps is None else args.warmup_steps
     if cached and size != cached:
         die(f"--image-size {size} does not match {cache} ({cached}px); omit it or use prepare_data.py --size {size}")
-    if ckpt is not None and (ckpt["image_size"] != size or ckpt["classes"] != classes):
-        die(f"--resume: {args.out_dir}/ckpt.pt was trained at {ckpt['image_size']}px on classes {ckpt['classes']}, "
-            f"not at {size}px on {classes}; use another --out-dir")
-    return classes, train, val, cache, size
+    if ckpt is not None and (ckpt["image_size"], ckpt["classes"], ckpt.get("labels", "single")) != (
+            size, classes, "multi" if multi else "single"):
+        die(f"--resume: {args.out_dir}/ckpt.pt was trained at {ckpt['image_size']}px on classes {ckpt['classes']} "
+            f"({ckpt.get('labels', 'single')}-label), not at {size}px on {classes} ({'multi' if multi else 'single'}"
+            f"-label); use another --out-dir")
+    return classes, multi, train, val, cache, size
 
 
 def make_loader(args, train, cache, size, seen, device, rank, world):
@@ -350,11 +386,11 @@ def fixed_val_set(val, cache, size, device):  # -> [x0, eps, t, y] on device: VA
     return [v.to(device) for v in (x0, eps, t, y)]
 
 
-def build(args, ckpt, size, classes, device):
+def build(args, ckpt, size, classes, multi, device):
     """-> (unet, ema, opt, memory_format). The GPU path (CUDA, or --fast-path): channels_last weights, fused AdamW."""
     torch.manual_seed(args.seed)
     try:
-        unet = build_unet(size, args.preset, len(classes))
+        unet = build_unet(size, args.preset, len(classes), multi)
     except ValueError as e:
         die(f"--image-size {size} / --preset {args.preset}: {e}")
     if ckpt is not None and unet_config(unet) != ckpt["unet_config"]:
@@ -404,13 +440,13 @@ def main(argv=None):
         return loss_weight[t] * (pred - target(x0, eps, t, alpha_bar, schedule["prediction"])).pow(2).mean((1, 2, 3))
 
     # ---- data: the stream of training batches from where the run stands, and the fixed val set ----
-    classes, train, val, cache, size = load_data(args, ckpt)
+    classes, multi, train, val, cache, size = load_data(args, ckpt)
     start, seen, train_s = (ckpt["step"], ckpt["samples_seen"], ckpt.get("time_s", 0.0)) if ckpt else (0, 0, 0.0)
     loader, workers = make_loader(args, train, cache, size, seen, device, rank, world)
     val_set = fixed_val_set(val, cache, size, device) if master and args.eval_every else None
 
     # ---- model, EMA, optimizer (or all of them from the checkpoint) ----
-    unet, ema, opt, memory_format = build(args, ckpt, size, classes, device)
+    unet, ema, opt, memory_format = build(args, ckpt, size, classes, multi, device)
     if ckpt is not None:
         restore(ckpt, unet, ema, opt, scaler)
         ckpt = None  # its tensors now live in the model, EMA and optimizer: free the copies (~1.8 GB at base, per rank)
@@ -424,17 +460,20 @@ def main(argv=None):
         if os.path.exists(metrics):  # rows logged after the checkpoint (a crash) are trained again: keep one per step
             m = pd.read_csv(metrics, dtype=str, keep_default_na=False)  # as written: no float reformatting
             replace_file(metrics, lambda tmp: m[m.step.astype(int) <= start].to_csv(tmp, index=False))
-        n_null = int((train["class_id"] == len(classes)).sum())  # unlabelled films
+        n_null = 0 if multi else int((train["class_id"] == len(classes)).sum())  # unlabelled films
         unlabelled = f" ({n_null} unlabelled: null label only)" if n_null else ""
         print(f"train.py: {len(train['path'])} train{unlabelled} / {len(val['path'])} val images, {size}px, preset "
               f"{args.preset}, "
               f"{world} process(es) on {device} ({threads} threads, {workers} loader workers), amp {amp}, "
               f"steps {start}->{args.max_steps}, out {args.out_dir}")
 
+    label_count = {"label_sets": label_sets(classes, train["class_id"])} if multi else {}  # sample.py --match-train
+
     def checkpoint(path, **state):  # ckpt.pt: + all --resume needs; a snapshot: the EMA alone (sample.py, curve.py)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint(path, {"ema": ema.state_dict(), "step": done, "time_s": train_s, "schedule": schedule,
                                "unet_config": unet_config(unet), "classes": classes, "image_size": size,
+                               "labels": "multi" if multi else "single", **label_count,
                                "args": vars(args), **state})
     stop = []
 
@@ -448,7 +487,8 @@ def main(argv=None):
     # ---- the loop ----
     g = torch.Generator(device)  # t, eps and label dropout; reseeded from (seed, micro-step, rank) each micro-step
     loss_sum = torch.zeros((), device=device)  # the loss stays on the device: no sync per step
-    null = null_label(unet)  # the class id a dropped label becomes
+    null = null_labels(unet, torch.as_tensor(train["class_id"][:1])).to(device)  # (1,) or (1, F + 1): what a
+    # dropped label becomes
     batches, done, t_last = iter(loader), start, time.time()  # train_s: the training steps' seconds, no saves or evals
     logged = start, seen, train_s  # at the last log line, for the mean loss and img/s since
     due = lambda every: every > 0 and done % every == 0  # an --*-every of 0 turns the activity off
@@ -501,7 +541,7 @@ def main(argv=None):
                            val=f"{v:.6g}" if evaluate else "")
         if master and (due(args.sample_every) or args.sample_every > 0 and done == args.max_steps):  # and the last
             save_grid(ema, os.path.join(args.out_dir, f"samples_step{done:06d}.png"), args.sample_per_class,
-                      args.sample_guidance, done, device, autocast, noise_schedule, classes)
+                      args.sample_guidance, done, device, autocast, noise_schedule, grid_rows(classes, train, multi))
         if master and save:
             checkpoint(ckpt_path, model=unet.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                        samples_seen=seen, rng=rng_state())
@@ -517,7 +557,7 @@ def main(argv=None):
     # ---- the end (ckpt.pt was saved in the last step): the EMA weights for UNet2DModel.from_pretrained ----
     if master:
         export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir,
-                          noise_schedule, classes)
+                          noise_schedule, classes, multi)
         peak = f" (peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)" if cuda else ""
         if done > start:
             print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet{peak}")

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py, in the root
-from model import HelpFormatter, bar_pace, classes_of, replace_file, set_threads
+from model import HelpFormatter, bar_pace, classes_of, labels_of, replace_file, set_threads
 
 PIX = 32  # pixel correlation is computed on images reduced to at most 32x32: copies still match exactly
 MIN_PCT = 1.0  # flag synthetic images closer to train than this percentile of real test-to-train distances
@@ -46,10 +46,11 @@ def die(msg):
 # -----------------------------------------------------------------------------
 # data: real splits from cache.npy (or PNGs), synthetic images from manifest.csv
 
-def load(csv, size, workers, missing, empty, classes, unlabelled=False):
+def load(csv, size, workers, missing, empty, classes, unlabelled=False, multi=False):
     """train/val/test.csv or manifest.csv -> x (N, size, size) uint8, y (N,) int64 (the label's index in classes; -1
-    for a film whose label is empty, where unlabelled), the table. The images come from cache.npy beside the csv where
-    every row has a cache_row, else from the PNGs (relative paths: from the csv)."""
+    for a film whose label is empty, where unlabelled; multi: (N, F) 0/1, the finding columns), the table. The images
+    come from cache.npy beside the csv where every row has a cache_row, else from the PNGs (relative paths: from the
+    csv)."""
     if not csv.exists():
         die(missing)
     df = pd.read_csv(csv)
@@ -57,11 +58,17 @@ def load(csv, size, workers, missing, empty, classes, unlabelled=False):
         die(f"{csv}: {empty}")
     for col in sorted({"label", "path"} - set(df.columns)):
         die(f"{csv}: no column '{col}'")
-    known = df["label"].notna() | (not unlabelled)  # an empty label: an unlabelled film (split files only)
-    if unknown := sorted(set(df["label"][known].astype(str)) - set(classes)):
-        die(f"{csv}: unknown label '{unknown[0]}' (the classes of --data-dir: {', '.join(classes)})")
-    y = df["label"].astype(str).map({c: i for i, c in enumerate(classes)}).where(df["label"].notna(), -1)
-    y = y.to_numpy(np.int64)
+    if multi:  # a 0/1 column per finding, as train.csv and a multi-label sample.py manifest have
+        if lost := [c for c in classes if c not in df.columns]:
+            die(f"{csv}: no column '{lost[0]}': --data-dir is multi-label (prepare_data.py --labels multi), these "
+                f"films are not (sample.py --findings or --match-train on a multi-label checkpoint writes them)")
+        y = df[classes].to_numpy(np.int64)
+    else:
+        known = df["label"].notna() | (not unlabelled)  # an empty label: an unlabelled film (split files only)
+        if unknown := sorted(set(df["label"][known].astype(str)) - set(classes)):
+            die(f"{csv}: unknown label '{unknown[0]}' (the classes of --data-dir: {', '.join(classes)})")
+        y = df["label"].astype(str).map({c: i for i, c in enumerate(classes)}).where(df["label"].notna(), -1)
+        y = y.to_numpy(np.int64)
     resize = lambda im: np.asarray(im.resize((size, size), Image.LANCZOS, reducing_gap=3.0))  # as prepare_data.py
     cache = csv.parent / "cache.npy"
     if cache.exists() and "cache_row" in df.columns and (df["cache_row"] >= 0).all():
@@ -85,10 +92,14 @@ def load(csv, size, workers, missing, empty, classes, unlabelled=False):
 
 
 def load_split(data_dir, split, size, workers=0, unlabelled=False):
-    """-> x (N, size, size) uint8, y (N,) int64, the split's table: its labelled films; unlabelled: then x (N', size,
-    size) and the table of the films whose label is empty too (kept by prepare_data.py for the generator)"""
+    """-> x (N, size, size) uint8, y (N,) int64 (multi-label: (N, F)), the split's table: its labelled films;
+    unlabelled: then x (N', size, size) and the table of the films whose label is empty too (kept by prepare_data.py
+    for the generator)"""
+    multi = labels_of(data_dir) == "multi"
     x, y, df = load(Path(data_dir) / f"{split}.csv", size, workers, f"--data-dir {data_dir}: no {split}.csv (run "
-                    "prepare_data.py first)", "empty split", classes_of(data_dir), unlabelled=True)
+                    "prepare_data.py first)", "empty split", classes_of(data_dir), unlabelled=True, multi=multi)
+    if multi:  # every film carries its label set
+        return (x, y, df, x[:0], df[:0]) if unlabelled else (x, y, df)
     if (y >= 0).sum() == 0:
         die(f"--data-dir {data_dir}: {split}.csv has no labelled film")
     labelled = x[y >= 0], y[y >= 0], df[y >= 0].reset_index(drop=True)
@@ -127,12 +138,13 @@ def make_cnn(width, K):
 
 
 @torch.no_grad()
-def predict(net, x, batch_size, device):
-    """-> probs (N, K), penultimate features (N, D), both float64 numpy"""
+def predict(net, x, batch_size, device, multi=False):
+    """-> probs (N, K) (softmax; multi: a sigmoid per finding), penultimate features (N, D), both float64 numpy"""
     net.eval()
     f = torch.cat([net[:-1](to_input(x[i:i + batch_size], device))  # (N, D); no films: (0, D)
                    for i in range(0, max(len(x), 1), batch_size)])
-    return net[-1](f).softmax(1).cpu().double().numpy(), f.cpu().double().numpy()
+    logits = net[-1](f)
+    return (logits.sigmoid() if multi else logits.softmax(1)).cpu().double().numpy(), f.cpu().double().numpy()
 
 
 def augment(x, g):
@@ -165,10 +177,12 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None, aug=False, wei
     init: a trained net to start from, to fine-tune it); keeps the epoch of lowest class-balanced val loss; cached by
     a data+settings hash."""
     n_real, share = len(x) if n_real is None else n_real, args.synthetic_share if n_real is not None else 0
+    multi = y.ndim > 1  # label sets: a sigmoid and a binary cross-entropy per finding, every film drawn alike
     config = dict(width=args.width, epochs=args.epochs, steps=args.epoch_steps, batch_size=args.batch_size,
                   lr=args.lr, patience=args.patience, seed=seed, size=int(x.shape[-1]), n_real=n_real, share=share,
                   **({"aug": AUG_DEG, "aug_scale": AUG_SCALE, "aug_shift": AUG_SHIFT, "aug_level": AUG_LEVEL} if aug
-                     else {}), **({"weighted": True} if weighted else {}))  # old settings, old hashes: caches hold
+                     else {}), **({"weighted": True} if weighted else {}),
+                  **({"multi": True} if multi else {}))  # old settings, old hashes: caches hold
     torch.manual_seed(seed)
     net = make_cnn(args.width, args.n_classes).to(args.device)
     h = hashlib.sha256((json.dumps(config, sort_keys=True) + repr(net)).encode())  # a changed CNN retrains too
@@ -184,8 +198,9 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None, aug=False, wei
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
         return net.eval(), True
     g = torch.Generator().manual_seed(seed)
-    w = torch.from_numpy(np.full(len(y), 1 / len(y)) if weighted else draw_weights(y, n_real, share, args.n_classes))
-    counts = np.bincount(y, minlength=args.n_classes)
+    w = torch.from_numpy(np.full(len(y), 1 / len(y)) if weighted or multi else
+                         draw_weights(y, n_real, share, args.n_classes))
+    counts = np.bincount(y, minlength=args.n_classes) if weighted else None
     class_w = torch.tensor(len(y) / (np.maximum(counts, 1) * (counts > 0).sum()), dtype=torch.float32) if weighted \
         else None  # (K,): n / (K n_c), each class's films weigh as much as any other class's in the loss
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -198,13 +213,19 @@ def fit(x, y, xv, yv, args, tag, out, seed, digests, n_real=None, aug=False, wei
             idx = torch.multinomial(w, args.batch_size, replacement=True, generator=g).numpy()
             xb = to_input(x[idx], args.device)  # (B, 1, H, W)
             xb = augment(xb, g) if aug else xb
-            loss = F.cross_entropy(net(xb), torch.from_numpy(y[idx]).to(args.device),
-                                   weight=None if class_w is None else class_w.to(args.device))
+            yb = torch.from_numpy(y[idx]).to(args.device)
+            loss = (F.binary_cross_entropy_with_logits(net(xb), yb.float()) if multi else
+                    F.cross_entropy(net(xb), yb, weight=None if class_w is None else class_w.to(args.device)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        nll = -np.log(np.clip(predict(net, xv, args.batch_size, args.device)[0][np.arange(len(yv)), yv], 1e-12, None))
-        val_loss = np.mean([nll[yv == c].mean() for c in np.unique(yv)])  # class-balanced: each class counts the same
+        pv = predict(net, xv, args.batch_size, args.device, multi)[0]
+        if multi:  # per finding held by val films: its mean binary cross-entropy; findings count the same
+            nll = -np.log(np.clip(np.where(yv == 1, pv, 1 - pv), 1e-12, None))  # (N, F)
+            val_loss = np.mean([nll[:, c].mean() for c in np.flatnonzero(yv.any(0))])
+        else:
+            nll = -np.log(np.clip(pv[np.arange(len(yv)), yv], 1e-12, None))
+            val_loss = np.mean([nll[yv == c].mean() for c in np.unique(yv)])  # class-balanced: classes count the same
         if val_loss < best:
             best, best_state, best_epoch = val_loss, {k: v.cpu().clone() for k, v in net.state_dict().items()}, epoch
         elif epoch - best_epoch >= args.patience:
@@ -237,10 +258,12 @@ def sensitivity_at(score, pos, specificity):
 
 
 def class_scores(probs, y, specificity):
-    """(2, K + 1): every class's one-vs-rest AUC, then its sensitivity at `specificity`; last column: the macro mean"""
+    """(2, K + 1): every class's one-vs-rest AUC (y (N, K) label sets: every finding's), then its sensitivity at
+    `specificity`; last column: the macro mean"""
     K = probs.shape[1]
-    s = np.array([[auc(probs[:, c], y == c) for c in range(K)],
-                  [sensitivity_at(probs[:, c], y == c, specificity) for c in range(K)]])
+    pos = lambda c: y == c if y.ndim == 1 else y[:, c] == 1
+    s = np.array([[auc(probs[:, c], pos(c)) for c in range(K)],
+                  [sensitivity_at(probs[:, c], pos(c), specificity) for c in range(K)]])
     mean = [[np.nanmean(row) if np.isfinite(row).any() else np.nan] for row in s]  # no warning where all are nan
     return np.concatenate([s, mean], 1)
 
@@ -418,6 +441,20 @@ def clean(v):
     return int(v) if isinstance(v, np.integer) else v
 
 
+def label_sets(label, ys, p_s, y_po, p_po, threshold=0.5):
+    """Multi-label: per label set of two or more findings that the synthetic films were drawn for (label: their
+    manifest's, "Effusion|Mass"), the share of those films whose every finding the reference classifier calls (p >=
+    threshold), beside the share among the real pool's films with exactly that set. -> {set: dict}"""
+    out = {}
+    for name in sorted(set(label[ys.sum(1) >= 2])):
+        target = ys[np.flatnonzero(label == name)[0]]  # (F,) 0/1
+        s, r, cols = (ys == target).all(1), (y_po == target).all(1), target == 1
+        called = lambda p, m: (p[m][:, cols] >= threshold).all(1).mean() if m.any() else np.nan
+        out[name] = {"n_synthetic": s.sum(), "n_real": r.sum(), "synthetic": called(p_s, s), "real": called(p_po, r)}
+        out[name]["ratio"] = out[name]["synthetic"] / out[name]["real"] if out[name]["real"] else np.nan
+    return out
+
+
 def parse_args(argv):  # the flags, checked
     p = argparse.ArgumentParser(description="Are synthetic CXRs fit for augmentation?", formatter_class=HelpFormatter)
     # ---- data ----
@@ -482,7 +519,7 @@ def utility(args, real, unlabelled, synthetic, keep, classes, out, digests, sett
     # arm: (films, labels, where synthetic ones start, fit() options); "train": the classes drawn alike (the rare
     # class's films oversampled); diff: "train+synth" - "train"
     sets = {"train": (xtr, ytr, None, {}), "train+synth": (x_all, y_all, len(xtr), {}),
-            **({"synth": (xk, yk, None, {})} if len(np.unique(yk)) > 1 else {})}
+            **({"synth": (xk, yk, None, {})} if len(np.unique(yk, axis=0)) > 1 else {})}
     if args.baselines:  # what a researcher can do without a generator, and the synthetic films on the best of it
         sets |= {"train-weighted": (xtr, ytr, None, {"weighted": True}),
                  "train-aug": (xtr, ytr, None, {"aug": True}),
@@ -493,7 +530,7 @@ def utility(args, real, unlabelled, synthetic, keep, classes, out, digests, sett
         opts = {k: fitted(v, sd) if k == "init" else v for k, v in sets[m][3].items()}
         return fit(*sets[m][:2], xva, yva, args, "real" if m == "train" else m, out, sd, digests, sets[m][2],
                    **opts)[0]
-    probs = {m: [predict(fitted(m, sd), xte, B, dev)[0] for sd in seeds] for m in sets}
+    probs = {m: [predict(fitted(m, sd), xte, B, dev, args.multi)[0] for sd in seeds] for m in sets}
     if args.baselines and len(x_unl):  # pseudo-labels: the real classifier labels the unlabelled train films; its
         probs["pseudo"], n_pseudo = [], []  # sure calls join the real films, and a classifier is trained again
         for sd in seeds:
@@ -543,14 +580,20 @@ def write_report(report, args, out):
           f"The reference classifier learnt from {counts['n_reference']} train films (macro AUC on real test films "
           f"{num(report['classifier']['macro_auc'])}); the real pool, what every figure below compares with, holds the "
           f"{counts['n_pool']} others: the rest of train, val and test.\n",
-          table(["class", "synthetic / real pool (n drawn)", "label fidelity: synthetic / real", "realism: FD ratio",
+          table(["finding" if args.multi else "class", "synthetic / real pool (n drawn)",
+                 "label fidelity (AUC, with vs without): synthetic / real" if args.multi else
+                 "label fidelity: synthetic / real", "realism: FD ratio",
                  "texture: grain ratio [95%]: synthetic / floor", "grainy films % [95%]: synthetic / floor",
                  "gradient ratio [95%]", "FD [95%]: synthetic / floor",
                  "KID x1000 [95%]: synthetic / floor",
                  "diversity / real (features, pixels)", "noise-like", "memorized"],
                 [row(name, d) for name, d in per_class.items()] + [row("**mean over classes**", summary)])
           + "\nHow to read it:",
-          "- **label fidelity**: share of images the classifier calls their class; real: that of the real pool.",
+          "- **label fidelity**: " + ("the AUC of the classifier's score for the finding (a sigmoid per finding) "
+                                      "between films drawn with it and films drawn without it; real: between real "
+                                      "pool films with and without it; No Finding: of minus the largest score."
+                                      if args.multi else "share of images the classifier calls their class; real: "
+                                      "that of the real pool."),
           f"- **FD ratio**, the one to read: Frechet distance (FD, classifier features) to real images over the floor, "
           f"real to real, at the same n; {args.repeats} redraws: mean [95%]; 1 = as real as real; classes weigh alike.",
           "- **texture**, what the classifier's features barely see: grain (Immerkaer's noise estimate in the flattest "
@@ -565,10 +608,15 @@ def write_report(report, args, out):
           f"{num(memo['threshold_feature_cosine'], 4)} or pixel r > {num(memo['threshold_pixel_corr'], 4)}): "
           f"~{MIN_PCT:g}% "
           "even of new images. See closest_pairs.png and memorization.csv.\n"]
+    if sets := report.get("label_sets"):  # multi-label: films drawn for several findings at once
+        md += ["## Label sets: films drawn for several findings, every one called (p >= 0.5)\n",
+               table(["label set", "synthetic / real pool films", "all findings called: synthetic / real", "ratio"],
+                     [[k.replace("|", " + "), f"{d['n_synthetic']} / {d['n_real']}", f"{num(d['synthetic'], 2)} / {num(d['real'], 2)}",
+                       num(d["ratio"], 2)] for k, d in sets.items()])]
     if utility := report["utility"]:
         pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
-        names = [c for c in list(per_class) + ["macro"] if utility["train"][c]["auc"] is not None]
-        arms = {"train": "real train (classes drawn alike)", "train-weighted": "real, class-weighted loss",
+        names = [c for c in list(per_class) + ["macro"] if c in utility["train"] and utility["train"][c]["auc"] is not None]
+        arms = {"train": "real train" + ("" if args.multi else " (classes drawn alike)"), "train-weighted": "real, class-weighted loss",
                 "train-aug": "real, augmented", "pseudo": "real + pseudo-labelled unlabelled films",
                 "ceiling": "ceiling: every real film", "train+synth": "real + synthetic",
                 "train+synth-aug": "real + synthetic, augmented",
@@ -600,23 +648,30 @@ def write_report(report, args, out):
 
 def main(argv=None):
     args, t_start = parse_args(argv), time.time()
+    args.multi = labels_of(args.data_dir) == "multi"  # label sets: a 0/1 column per finding (prepare_data.py)
+    if args.multi and (args.baselines or args.ceiling or args.filter in ("recognised", "both") or args.synthetic_share):
+        die(f"--data-dir {args.data_dir} is multi-label: --baselines, --ceiling, --filter recognised/both and "
+            f"--synthetic-share are for single-label data")
     out, B, dev, rng = Path(args.out), args.batch_size, args.device, np.random.default_rng(args.seed)
 
     # ---- data
     (xtr, ytr, dtr, x_unl, d_unl), (xva, yva, dva), (xte, yte, dte) = [  # x_unl: the unlabelled train films
         load_split(args.data_dir, s, args.size, args.workers, s == "train") for s in ("train", "val", "test")]
     m = Path(args.samples)
-    classes = classes_of(args.data_dir)  # the class names, in class_id order (prepare.json)
+    classes = classes_of(args.data_dir)  # the class names (multi-label: the findings), in class_id order (prepare.json)
     args.n_classes = len(classes)
     xs, ys, ps = load(m / "manifest.csv" if m.is_dir() or not m.suffix else m, args.size, args.workers, f"--samples "
-                      f"{args.samples}: no manifest.csv (run sample.py first)", "no synthetic images", classes)
+                      f"{args.samples}: no manifest.csv (run sample.py first)", "no synthetic images", classes,
+                      multi=args.multi)
+    of = lambda y, c: y == c if y.ndim == 1 else y[:, c] == 1  # (N,) bool: the films of class or finding c
     # The reference classifier learns from a share of the training patients; the films of the others join val + test
     # in the real pool, the films every per-class figure compares against, so that a few dozen test films do not
     # decide them. itr: image names, for memorization.csv; groups: one code per patient, for the realism halves.
     itr, pid = dtr["image_index"].astype(str).to_numpy(), [patients(d) for d in (dtr, dva, dte)]
-    ref = reference_films(pid[0], ytr, args.reference_share, args.seed)  # (N_train,) bool
+    stratum = np.where(ytr.any(1), ytr.argmax(1), len(classes)) if args.multi else ytr  # label sets: first finding
+    ref = reference_films(pid[0], stratum, args.reference_share, args.seed)  # (N_train,) bool
     y_po, groups = np.concatenate([ytr[~ref], yva, yte]), pd.factorize(np.concatenate([pid[0][~ref], *pid[1:]]))[0]
-    if not any(min((ys == c).sum(), (y_po == c).sum() // 2) >= 2 for c in range(len(classes))):  # matched_realism's n
+    if not any(min(of(ys, c).sum(), of(y_po, c).sum() // 2) >= 2 for c in range(len(classes))):  # matched_realism
         die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real pool films to compare to")
     (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it: once the input is good
     print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)} (the reference classifier learns from {ref.sum()}, "
@@ -629,7 +684,7 @@ def main(argv=None):
     digests = {}  # fit() hashes each distinct array once
     net, cached = fit(xtr if ref.all() else xtr[ref], ytr[ref], xva, yva, args, "real" if ref.all() else "reference",
                       out, args.seed, digests)  # at share 1 it is the utility's real arm of the first seed
-    (p_tr, f_tr), (p_va, f_va), (p_te, f_te), (p_s, f_s), (_, f_unl) = [predict(net, x, B, dev)
+    (p_tr, f_tr), (p_va, f_va), (p_te, f_te), (p_s, f_s), (_, f_unl) = [predict(net, x, B, dev, args.multi)
                                                                          for x in (xtr, xva, xte, xs, x_unl)]
     mu, scale = f_tr[ref].mean(0), np.sqrt(f_tr[ref].var(0).mean())  # centred, in units of their spread on what
     f_tr, f_va, f_te, f_s, f_unl = [(f - mu) / scale for f in (f_tr, f_va, f_te, f_s, f_unl)]  # it learnt: KID's
@@ -656,19 +711,28 @@ def main(argv=None):
     pool = lambda tr, va, te: np.concatenate([tr[~ref], va, te])  # train films the reference did not learn, val, test
     f_po, p_po, px_po = pool(f_tr, f_va, f_te), pool(p_tr, p_va, p_te), pool(px_tr.numpy(), pixels(xva).numpy(), px_te)
     t_s, t_po = texture(xs), pool(texture(xtr), texture(xva), texture(xte))  # (N, 2): grain, gradient
-    hit_s, hit_po, px_s = p_s.argmax(1) == ys, p_po.argmax(1) == y_po, px_s.numpy()
+    hit_s, hit_po = (p_s.argmax(1) == ys, p_po.argmax(1) == y_po) if not args.multi else (ys[:, 0] >= 0,) * 2  # called
+    # its class (multi-label: not used; --filter recognised is for single-label data)
+    px_s = px_s.numpy()
     noisy = t_s[:, 0] > GRAIN_X * t_po[:, 0].max()  # noise, not a film: grainier than any real film, by far
     share = lambda hit: hit.mean() if len(hit) else np.nan
     div = lambda a, b: (diversity(a, args.max_n, rng) / diversity(b, args.max_n, rng)  # synthetic over real
                         if min(len(a), len(b)) > 1 else np.nan)
     per_class, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
-    for c, name in enumerate(classes):
-        s, r = ys == c, y_po == c  # this class's synthetic films and real pool films
+    # label fidelity: share of a class's films called that class; multi-label: the AUC of the finding's score between
+    # films with it and films without it, synthetic (drawn with / without) and real (the pool); No Finding: of -max p
+    rows = [(name, of(ys, c), of(y_po, c), share(hit_s[ys == c]) if not args.multi else auc(p_s[:, c], of(ys, c)),
+             share(hit_po[y_po == c]) if not args.multi else auc(p_po[:, c], of(y_po, c)))
+            for c, name in enumerate(classes)]
+    if args.multi:
+        clear_s, clear_po = ~ys.any(1), ~y_po.any(1)
+        rows.append(("No Finding", clear_s, clear_po, auc(-p_s.max(1), clear_s), auc(-p_po.max(1), clear_po)))
+    for name, s, r, fidelity, accuracy in rows:  # s, r: this class's synthetic films and real pool films
         if s.any() or r.any():
             d = matched_realism(f_s[s], f_po[r], t_s[s], t_po[r], groups[r], args.repeats, args.max_n, rng)
             per_class[name] = {"n_synthetic": s.sum(), "n_real": r.sum(),
                                "n_drawn": min(s.sum(), r.sum() // 2, args.max_n),
-                       "fidelity": share(hit_s[s]), "accuracy": share(hit_po[r]), **realism(d),
+                       "fidelity": fidelity, "accuracy": accuracy, **realism(d),
                        "diversity_features": div(f_s[s], f_po[r]), "diversity_pixels": div(px_s[s], px_po[r]),
                        "memorized": flag[s].sum(), "noise_like": noisy[s].sum()}
             draws += [] if np.isnan(d).any() else [d]
@@ -678,11 +742,14 @@ def main(argv=None):
                                        "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])
                                        for k in ("fidelity", "accuracy", "diversity_features", "diversity_pixels")},
                                        **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
+    if args.multi:  # films drawn for several findings: is every one of them there, as often as in real films?
+        report["label_sets"] = label_sets(ps["label"], ys, p_s, y_po, p_po)
     order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
-    save_rows_png([[(xs[i], f"synthetic {classes[ys[i]]}" + (" FLAGGED" if flag[i] else "")),
+    save_rows_png([[(xs[i], f"synthetic {ps['label'].iat[i]}" + (" FLAGGED" if flag[i] else "")),
                     (x_seen[jp[i]], f"train {names_seen[jp[i]]} r={r_s[i]:.3f}")] for i in order],
                   out / "closest_pairs.png", 200)
-    save_rows_png([[(im, f"real {n}") for im in xte[yte == c][:4]] + [(im, f"synthetic {n}") for im in xs[ys == c][:4]]
+    save_rows_png([[(im, f"real {n}") for im in xte[of(yte, c)][:4]] + [(im, f"synthetic {n}")
+                                                                       for im in xs[of(ys, c)][:4]]
                    for c, n in enumerate(classes) if n in per_class], out / "grid.png", 128)
 
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?

@@ -382,3 +382,71 @@ def test_cheap_baselines_pseudo_labels_and_the_ceiling_in_one_run(data, tmp_path
     pd.read_csv(data / "test.csv").iloc[10:].to_csv(other / "test.csv", index=False)
     with pytest.raises(SystemExit, match="--ceiling .*: not the same classes and test films as --data-dir"):
         evaluate.main(argv + ["--out", str(tmp_path / "r2"), "--ceiling", str(other)])
+
+
+# ---- multi-label (prepare_data.py --labels multi): a blob per finding, several on one film ----
+
+FINDINGS3 = ["Atelectasis", "Effusion", "Pneumothorax"]  # at CENTERS[0..2]
+
+
+def draw_multi(sets, rng, noise=15):
+    """(N, 3) 0/1 -> films with a blob at the spot of each finding set (none: no blob)"""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    out = []
+    for s in sets:
+        img = 50 + rng.normal(0, noise, (SIZE, SIZE))
+        for c in np.flatnonzero(s):
+            cy, cx = np.array(CENTERS[c]) + rng.integers(-1, 2, 2)
+            img += 150 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.8 ** 2))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def random_sets(n, rng):
+    return (rng.random((n, 3)) < 0.4).astype(np.int64)
+
+
+def label_of(s):
+    return "|".join(np.array(FINDINGS3)[s == 1]) or "No Finding"
+
+
+def test_multi_label_fidelity_per_finding_and_label_sets_read_real_films_as_real(tmp_path):
+    rng, root, rows, images = np.random.default_rng(0), tmp_path / "data", [], []
+    (root / "raw").mkdir(parents=True)
+    for split, n in (("train", 240), ("val", 40), ("test", 80)):
+        sets = random_sets(n, rng)
+        for im, s in zip(draw_multi(sets, rng), sets):
+            path = root / "raw" / f"{len(images):08d}_000.png"
+            Image.fromarray(im).save(path)
+            rows.append(dict(image_index=path.name, patient_id=len(images), label=label_of(s), path=str(path),
+                             cache_row=len(images), synthetic=0, split=split, **dict(zip(FINDINGS3, s))))
+            images.append(im)
+    df = pd.DataFrame(rows)
+    for split in ("train", "val", "test"):
+        df[df.split == split].drop(columns="split").to_csv(root / f"{split}.csv", index=False)
+    np.save(root / "cache.npy", np.stack(images))
+    (root / "prepare.json").write_text(json.dumps({"classes": FINDINGS3, "labels": "multi"}))
+
+    sets = random_sets(150, np.random.default_rng(1))  # held-out real films as the "synthetic" set
+    x = draw_multi(sets, np.random.default_rng(2))
+    folder = write_samples(tmp_path / "real", x, np.zeros(len(x), int), [label_of(s) for s in sets])
+    m = pd.read_csv(folder / "manifest.csv")
+    m[FINDINGS3] = sets
+    m.drop(columns="class_id").to_csv(folder / "manifest.csv", index=False)
+    R = run(root, folder, tmp_path / "report")
+    assert list(R["per_class"]) == FINDINGS3 + ["No Finding"]
+    for name, d in R["per_class"].items():  # AUC of the finding's score, films with it against films without it
+        assert d["accuracy"] > 0.9 and d["fidelity"] > d["accuracy"] - 0.05, name
+    assert R["label_sets"], "drawn for pairs"
+    for name, d in R["label_sets"].items():
+        if d["n_synthetic"] >= 10 and d["n_real"] >= 10:
+            assert d["ratio"] > 0.8, name  # every finding of the set called about as often as in real films
+    assert "Atelectasis + Effusion" in (tmp_path / "report" / "report.md").read_text()
+
+    m[FINDINGS3] = np.roll(sets, 1, axis=1)  # the same films, each finding's column taken from another finding
+    m.drop(columns="class_id").to_csv(folder / "manifest.csv", index=False)
+    R2 = run(root, folder, tmp_path / "report")
+    assert max(d["fidelity"] for n, d in R2["per_class"].items() if n != "No Finding") < 0.75
+    m.drop(columns=FINDINGS3).to_csv(folder / "manifest.csv", index=False)  # a single-label manifest
+    with pytest.raises(SystemExit, match="no column 'Atelectasis': --data-dir is multi-label"):
+        run(root, folder, tmp_path / "report")

@@ -107,13 +107,14 @@ def test_split_stratified_within_tolerance():
                        "class_id": [prepare_data.CLASSES.index(r[1]) for r in rows]})
     assert len(df) > 8000
     for seed in (0, 1):
-        sp = prepare_data.split_patients(df, seed)
+        sp = prepare_data.split_patients(df["patient_id"], prepare_data.one_hot(df["class_id"].to_numpy()), seed)
         share = pd.crosstab(df["class_id"], sp, normalize="index")[prepare_data.SPLITS] * 100
         assert (share - [80, 10, 10]).abs().to_numpy().max() <= 1.5, share
         assert pd.Series(sp).groupby(df["patient_id"]).nunique().max() == 1  # patient in one split only
         pat = pd.Series(sp).groupby(df["patient_id"]).first().value_counts(normalize=True) * 100
         assert abs(pat["train"] - 80) < 2 and abs(pat["val"] - 10) < 2 and abs(pat["test"] - 10) < 2
-    assert (prepare_data.split_patients(df, 0) != prepare_data.split_patients(df, 1)).any()
+    Y = prepare_data.one_hot(df["class_id"].to_numpy())
+    assert (prepare_data.split_patients(df["patient_id"], Y, 0) != prepare_data.split_patients(df["patient_id"], Y, 1)).any()
 
 
 def test_split_deterministic_and_independent_of_disk(tmp_path):
