@@ -7,6 +7,8 @@ split 80/10/10 by patient (seeded, stratified), paths resolved, and a uint8 (N, 
     python prepare_data.py --images chest_xray --classes "No Finding=NORMAL,Pneumonia=PNEUMONIA" --out data/k64 \
         --patient-regex "^(person\d+)_|^(NORMAL2-IM-\d+)-|^(IM-\d+)-" --size 64   # a folder per class (Kermany's)
     python prepare_data.py --demo --out data/demo [--size 32]   # phantom CXRs, seconds on a CPU
+    python prepare_data.py --csv Data_Entry_2017.csv --images /data/nih --out data/nih-multi --labels multi   # every
+        # film, a 0/1 column per finding (NIH's 14); --demo --labels multi: phantoms with several findings at once
 
 Three label sources, one path after reading: the NIH label file (Image Index, Finding Labels, Patient ID: the films
 labelled with exactly one of the classes), a plain CSV (image, label, optionally patient), or --images alone, where

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]  # the pipeline's scripts and model.py
 sys.path.insert(0, str(ROOT))
-from model import DEFAULT_GUIDANCE, HelpFormatter, classes_of, load_checkpoint, replace_file
+from model import DEFAULT_GUIDANCE, HelpFormatter, classes_of, labels_of, load_checkpoint, replace_file
 
 FIDELITY_TARGET, REALISM_TARGET = 0.9, 3.0  # >= 0.9 x real; FD <= 3 x the floor
 NO_ROOM = 0.02  # --rare: a ceiling gap (AUC) under this is "no room": nothing for synthetic films to close
@@ -74,16 +74,21 @@ def score(args):
     if not os.path.exists(os.path.join(args.data_dir, "test.csv")):
         raise SystemExit(f"curve.py: error: --data-dir {args.data_dir}: no test.csv (run prepare_data.py first)")
     classes = sorted(pd.read_csv(os.path.join(args.data_dir, "test.csv"))["label"].dropna().unique())  # not unlabelled
+    multi = labels_of(args.data_dir) == "multi"  # label sets: --n films per finding and No Finding, in the training
+    ask = (["--match-train", int(args.n) * (len(classes_of(args.data_dir)) + 1)] if multi  # split's label sets;
+           else [a for c in classes for a in ("--class", c)])  # scored per finding
     for snap in [s for s in snaps if os.path.basename(s) not in done]:
         samples = os.path.join(work, "samples")
         shutil.rmtree(samples, ignore_errors=True)
         run("sample.py", "--ckpt", snap, "--n", args.n, "--out", samples, "--sampler", args.sampler,
             "--guidance", args.guidance, "--batch-size", args.batch_size,
-            *(["--steps", args.steps] if args.steps else []), *[a for c in classes for a in ("--class", c)])
+            *(["--steps", args.steps] if args.steps else []), *ask)
         report = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
                            "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
         ckpt = load_checkpoint(snap)  # step and training seconds
         per_class = report["per_class"]
+        if multi:  # the findings (and No Finding) with synthetic and real films
+            classes = [c for c, d in per_class.items() if d["n_synthetic"] and d["n_real"]]
         seconds = ckpt["step"] * args.seconds_per_step if args.seconds_per_step else ckpt["time_s"]
         row = {"snapshot": os.path.basename(snap), "step": ckpt["step"], "minutes": seconds / 60,
                "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,

@@ -5,8 +5,10 @@ evaluate.py - are these synthetic chest X-rays fit to augment a dataset? One com
 
 Per class, in the features of a small CNN trained on real train: label fidelity, size-matched realism (FD ratio,
 KID), diversity, noise-like and memorized images; and utility: AUC on real test of classifiers trained with and
-without them (--baselines: beside what can be done without a generator; --ceiling: and every real film). Writes
-report.md (the headline table first), report.json, closest_pairs.png, grid.png, memorization.csv.
+without them (--baselines: beside what can be done without a generator; --ceiling: and every real film). A
+multi-label --data-dir (prepare_data.py --labels multi) is read per finding, with a sigmoid per finding, and per label
+set of the synthetic films. Writes report.md (the headline table first), report.json, closest_pairs.png, grid.png,
+memorization.csv.
 """
 import argparse
 import hashlib
@@ -716,8 +718,8 @@ def main(argv=None):
     px_s = px_s.numpy()
     noisy = t_s[:, 0] > GRAIN_X * t_po[:, 0].max()  # noise, not a film: grainier than any real film, by far
     share = lambda hit: hit.mean() if len(hit) else np.nan
-    div = lambda a, b: (diversity(a, args.max_n, rng) / diversity(b, args.max_n, rng)  # synthetic over real
-                        if min(len(a), len(b)) > 1 else np.nan)
+    div = lambda a, b: (diversity(a, args.max_n, rng) / max(diversity(b, args.max_n, rng), 1e-12)  # synthetic
+                        if min(len(a), len(b)) > 1 else np.nan)  # over real (real films all alike: huge, not a crash)
     per_class, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
     # label fidelity: share of a class's films called that class; multi-label: the AUC of the finding's score between
     # films with it and films without it, synthetic (drawn with / without) and real (the pool); No Finding: of -max p

@@ -4,6 +4,7 @@ sample.py --findings / --match-train, and the export. Tiny fabricated films at 3
 import json
 import os
 import re
+import signal
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,8 @@ def nih_multi(root, patients=24, films=3):
     for p in range(patients):
         for f in range(films):
             name = f"{p:08d}_{f:03d}.png"
-            Image.fromarray(np.full((32, 32), 10 * (p % 20) + f, np.uint8)).save(os.path.join(img_dir, name))
+            film = 10 * (p % 20) + f + np.random.default_rng(p * 10 + f).integers(0, 40, (32, 32))
+            Image.fromarray(film.astype(np.uint8)).save(os.path.join(img_dir, name))
             lines.append(f"{name},{SETS[p % len(SETS)]},{f},{p}")
     csv = os.path.join(root, "Data_Entry_2017.csv")
     with open(csv, "w") as fh:
@@ -133,6 +135,30 @@ def test_null_label_is_not_no_finding_and_dropout_drops_whole_label_sets():
     assert torch.allclose(unet.class_embedding(y[:1]), E[0] + E[4])
 
 
+def test_a_resumed_multi_label_run_equals_an_uninterrupted_one(data, tmp_path, monkeypatch):
+    """--resume restores a label-set run as it does a six-class one: bitwise the same weights and EMA"""
+    flags = ["--data-dir", data, "--preset", "tiny", "--num-workers", "0", "--eval-every", "0", "--sample-every", "0",
+             "--log-every", "0", "--device", "cpu", "--batch-size", "4", "--cond-drop", "0.5", "--ema-decay", "0.5",
+             "--lr", "1e-3", "--warmup-steps", "1", "--max-steps", "4"]
+    train.main([*flags, "--out-dir", str(tmp_path / "straight")])
+    real_ema_update = train.ema_update
+
+    def sigterm_after_step_2(ema, net, decay, calls=[]):
+        real_ema_update(ema, net, decay)
+        calls.append(decay)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # finish the step, save, exit
+    monkeypatch.setattr(train, "ema_update", sigterm_after_step_2)
+    train.main([*flags, "--out-dir", str(tmp_path / "stopped")])
+    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    assert model.load_checkpoint(str(tmp_path / "stopped"))["step"] == 2
+    train.main(["--resume", "--out-dir", str(tmp_path / "stopped")])
+    a, b = (model.load_checkpoint(str(tmp_path / d)) for d in ("straight", "stopped"))
+    assert a["labels"] == b["labels"] == "multi" and b["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
 def test_train_records_the_label_sets_and_sample_draws_them(run, data, tmp_path):
     ckpt = model.load_checkpoint(run)
     train_csv = pd.read_csv(os.path.join(data, "train.csv"))
@@ -221,3 +247,18 @@ def test_the_export_loads_in_plain_diffusers_and_its_card_draws_a_label_set(tmp_
     ref = model.sample(unet, y, model.CARD_SAMPLER, 4, ns["w"], [torch.Generator().manual_seed(ns["seed"])])
     assert torch.allclose(ns["x"].clamp(-1, 1), ref, atol=1e-5, rtol=0)
     assert Image.open(tmp_path / "synthetic_findings_seed0.png").text["synthetic"] == "1"
+
+
+@pytest.mark.slow
+def test_curve_scores_a_multi_label_run_per_finding(data, tmp_path):
+    import curve
+    run = tmp_path / "run"
+    train.main(["--data-dir", data, "--out-dir", str(run), "--preset", "tiny", "--num-workers", "0", "--eval-every",
+                "0", "--sample-every", "0", "--log-every", "0", "--device", "cpu", "--max-steps", "2",
+                "--snapshot-every", "2"])
+    curve.main(["--run", str(run), "--data-dir", data, "--n", "2", "--steps", "2",
+                "--evaluate-args", "--width 8 --epochs 1 --epoch-steps 5 --repeats 5 --device cpu"])
+    rows = pd.read_csv(run / "curve.csv")
+    assert rows["step"].tolist() == [2]  # --match-train films, scored per finding and No Finding
+    assert {f"fidelity {f}" for f in ("Atelectasis", "Effusion", "Pneumonia", "No Finding")} <= set(rows.columns)
+    assert len(pd.read_csv(run / "curve" / "samples" / "manifest.csv")) == 2 * (len(MULTI) + 1)
