@@ -79,8 +79,9 @@ def null_label(unet):  # the class id that means "no label": the last class embe
 def null_labels(unet, labels):  # labels (B,) or (B, F + 1) -> the null label in the same form
     if labels.ndim == 1:
         return torch.full_like(labels, null_label(unet))
-    return torch.nn.functional.one_hot(torch.full_like(labels[:, 0], null_label(unet), dtype=torch.long),
-                                       labels.shape[1]).to(labels.dtype)
+    null = torch.zeros_like(labels)
+    null[:, null_label(unet)] = 1  # the null label's column alone: not No Finding, which sets none
+    return null
 
 
 def labels_of(data_dir):  # "single" (a class per film) or "multi" (a 0/1 column per finding), from prepare.json
@@ -105,10 +106,11 @@ def flops_per_image(model, image_size):
     from diffusers import UNet2DModel
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        t, multi = torch.zeros(1, dtype=torch.long), isinstance(model.class_embedding, MultiHotEmbedding)
-        unet = UNet2DModel.from_config(model.config)
-        y = torch.zeros(1, model.config.num_class_embeds) if multi else t
-        (multi_hot(unet) if multi else unet)(torch.zeros(1, 1, image_size, image_size), t, class_labels=y)
+        unet, t = UNet2DModel.from_config(model.config), torch.zeros(1, dtype=torch.long)
+        y = t  # a class id, or a label set
+        if isinstance(model.class_embedding, MultiHotEmbedding):
+            unet, y = multi_hot(unet), torch.zeros(1, model.config.num_class_embeds)
+        unet(torch.zeros(1, 1, image_size, image_size), t, class_labels=y)
     return counter.get_total_flops()
 
 # -----------------------------------------------------------------------------
@@ -229,9 +231,10 @@ def ddim_2m_step(xt, eps, t, s, alpha_bar, x0_prev=None, t_prev=None, eta=0.0, n
 
 @torch.no_grad()
 def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=None, schedule=None, eta=0.0):
-    """One image per label (B,) or label set (B, F + 1) -> (B, 1, H, W) float32 in [-1, 1]. generators: one CPU torch.Generator per image, so
-    image i depends on its own seed alone; schedule: the model's training schedule (schedule_of(ckpt)); eta: ddim-2m
-    only, the share of DDIM's stochastic noise (Song et al. 2021; 1 = as much as ddpm) added at t in CHURN."""
+    """One image per label (B,) or label set (B, F + 1) -> (B, 1, H, W) float32 in [-1, 1]. generators: one CPU
+    torch.Generator per image, so image i depends on its own seed alone; schedule: the model's training schedule
+    (schedule_of(ckpt)); eta: ddim-2m only, the share of DDIM's stochastic noise (Song et al. 2021; 1 = as much as
+    ddpm) added at t in CHURN."""
     device, size, schedule = labels.device, model.config.sample_size, schedule or make_schedule()
     scheduler, timesteps = make_sampler(sampler, steps, schedule)
     generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]

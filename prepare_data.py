@@ -132,7 +132,7 @@ def select_classes(df, M, column_class, columns=FINDINGS):
 
 def multi_labels(df, M, csv=""):
     """NIH layout, --labels multi: every film -> image_index, patient_id, label (its findings joined by |, in MULTI
-    order, or No Finding) and a 0/1 column per finding of MULTI. No Finding beside a finding, or no label, is an error."""
+    order, or No Finding) and a 0/1 column per finding of MULTI. No Finding beside a finding, or no label: an error."""
     F, clear = M[:, [FINDINGS.index(f) for f in MULTI]], M[:, FINDINGS.index("No Finding")]  # (N, 14), (N,)
     for i in np.flatnonzero(((clear == 1) & (F.sum(1) > 0)) | (M.sum(1) == 0))[:1]:
         raise SystemExit(f"{ERR} --csv {csv}: '{df['image_index'].iat[i]}' is labelled '{df['labels'].iat[i]}': "
@@ -552,7 +552,8 @@ def main(argv=None):
         with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
             old = json.load(fh)
         before = {"classes": CLASSES, "source": "nih", "label_map": ",".join(CLASSES), "label_regex": None,
-                  "patient_regex": None, "drop_unlisted": False, "labels": "single"}  # what a prepare.json from before --classes means
+                  "patient_regex": None, "drop_unlisted": False, "labels": "single"}  # what an older prepare.json
+        # (from before --classes, or before --labels) means
         if not (diff := [k for k in stamp if {**before, **old}.get(k) != stamp[k]]):
             return print(f"{out} is already prepared from the same inputs and settings (prepare.json): nothing to do")
         why = f"other {', '.join(diff)}" if old else "no prepare.json"

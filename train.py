@@ -30,9 +30,9 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (AUTO, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NUM_TIMESTEPS, PRESETS, HelpFormatter,
-                   add_noise, auto_amp, bar_pace, build_unet, classes_of, export_pretrained, load_checkpoint,
-                   labels_of, loss_weights, make_schedule, null_labels, pick_preset, replace_file, sample, save_checkpoint,
-                   set_threads, target, unet_config)
+                   add_noise, auto_amp, bar_pace, build_unet, classes_of, export_pretrained, labels_of,
+                   load_checkpoint, loss_weights, make_schedule, null_labels, pick_preset, replace_file, sample,
+                   save_checkpoint, set_threads, target, unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
@@ -487,7 +487,7 @@ def main(argv=None):
     # ---- the loop ----
     g = torch.Generator(device)  # t, eps and label dropout; reseeded from (seed, micro-step, rank) each micro-step
     loss_sum = torch.zeros((), device=device)  # the loss stays on the device: no sync per step
-    null = null_labels(unet, torch.as_tensor(train["class_id"][:1])).to(device)  # (1,) or (1, F + 1): what a
+    null = null_labels(unet, torch.tensor(train["class_id"][:1])).to(device)  # (1,) or (1, F + 1): what a
     # dropped label becomes
     batches, done, t_last = iter(loader), start, time.time()  # train_s: the training steps' seconds, no saves or evals
     logged = start, seen, train_s  # at the last log line, for the mean loss and img/s since

@@ -613,12 +613,15 @@ def write_report(report, args, out):
     if sets := report.get("label_sets"):  # multi-label: films drawn for several findings at once
         md += ["## Label sets: films drawn for several findings, every one called (p >= 0.5)\n",
                table(["label set", "synthetic / real pool films", "all findings called: synthetic / real", "ratio"],
-                     [[k.replace("|", " + "), f"{d['n_synthetic']} / {d['n_real']}", f"{num(d['synthetic'], 2)} / {num(d['real'], 2)}",
-                       num(d["ratio"], 2)] for k, d in sets.items()])]
+                     [[k.replace("|", " + "), f"{d['n_synthetic']} / {d['n_real']}",
+                       f"{num(d['synthetic'], 2)} / {num(d['real'], 2)}", num(d["ratio"], 2)]
+                      for k, d in sets.items()])]
     if utility := report["utility"]:
         pick = lambda d, q: {"mean": d[q], "lo": d[f"{q}_lo"], "hi": d[f"{q}_hi"]}
-        names = [c for c in list(per_class) + ["macro"] if c in utility["train"] and utility["train"][c]["auc"] is not None]
-        arms = {"train": "real train" + ("" if args.multi else " (classes drawn alike)"), "train-weighted": "real, class-weighted loss",
+        names = [c for c in list(per_class) + ["macro"]  # multi-label: No Finding is no classifier's column
+                 if c in utility["train"] and utility["train"][c]["auc"] is not None]
+        arms = {"train": "real train" + ("" if args.multi else " (classes drawn alike)"),
+                "train-weighted": "real, class-weighted loss",
                 "train-aug": "real, augmented", "pseudo": "real + pseudo-labelled unlabelled films",
                 "ceiling": "ceiling: every real film", "train+synth": "real + synthetic",
                 "train+synth-aug": "real + synthetic, augmented",
