@@ -265,7 +265,8 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):  # --help shows the defaults, except where there is none
     def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        none = action.default is None or action.default is False or action.default == []  # (0 shows: "default: 0")
+        return action.help if none else super()._get_help_string(action)
 
 
 def set_threads(device):
