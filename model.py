@@ -84,21 +84,20 @@ def null_labels(unet, labels):  # labels (B,) or (B, F + 1) -> the null label in
     return null
 
 
-def labels_of(data_dir):  # "single" (a class per film) or "multi" (a 0/1 column per finding), from prepare.json
+def prepared(data_dir, key, default):  # a setting a prepare_data.py folder records in prepare.json, else default
     try:
         with open(os.path.join(data_dir, "prepare.json")) as f:
-            return json.load(f).get("labels", "single")
+            return json.load(f).get(key, default)
     except (OSError, ValueError):
-        return "single"
+        return default
 
 
-def classes_of(data_dir):
-    """The class names of a prepare_data.py folder, in class_id order (prepare.json); NIH's six where it names none."""
-    try:
-        with open(os.path.join(data_dir, "prepare.json")) as f:
-            return list(json.load(f).get("classes", CLASSES))
-    except (OSError, ValueError):
-        return list(CLASSES)
+def labels_of(data_dir):  # "single" (a class per film) or "multi" (a 0/1 column per finding)
+    return prepared(data_dir, "labels", "single")
+
+
+def classes_of(data_dir):  # the class names (multi: the findings) in class_id order; NIH's six where it names none
+    return list(prepared(data_dir, "classes", CLASSES))
 
 
 def flops_per_image(model, image_size):

@@ -251,6 +251,10 @@ def auc(score, pos):
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
+def of_class(y, c):  # (N,) bool: the films of class c (y (N,) class ids), or showing finding c (y (N, F) label sets)
+    return y == c if y.ndim == 1 else y[:, c] == 1
+
+
 def sensitivity_at(score, pos, specificity):
     """Cases found at a fixed false-alarm rate: share of positives above the `specificity` quantile of the negatives"""
     pos = np.asarray(pos, bool)
@@ -263,9 +267,8 @@ def class_scores(probs, y, specificity):
     """(2, K + 1): every class's one-vs-rest AUC (y (N, K) label sets: every finding's), then its sensitivity at
     `specificity`; last column: the macro mean"""
     K = probs.shape[1]
-    pos = lambda c: y == c if y.ndim == 1 else y[:, c] == 1
-    s = np.array([[auc(probs[:, c], pos(c)) for c in range(K)],
-                  [sensitivity_at(probs[:, c], pos(c), specificity) for c in range(K)]])
+    s = np.array([[auc(probs[:, c], of_class(y, c)) for c in range(K)],
+                  [sensitivity_at(probs[:, c], of_class(y, c), specificity) for c in range(K)]])
     mean = [[np.nanmean(row) if np.isfinite(row).any() else np.nan] for row in s]  # no warning where all are nan
     return np.concatenate([s, mean], 1)
 
@@ -668,7 +671,6 @@ def main(argv=None):
     xs, ys, ps = load(m / "manifest.csv" if m.is_dir() or not m.suffix else m, args.size, args.workers, f"--samples "
                       f"{args.samples}: no manifest.csv (run sample.py first)", "no synthetic images", classes,
                       multi=args.multi)
-    of = lambda y, c: y == c if y.ndim == 1 else y[:, c] == 1  # (N,) bool: the films of class or finding c
     # The reference classifier learns from a share of the training patients; the films of the others join val + test
     # in the real pool, the films every per-class figure compares against, so that a few dozen test films do not
     # decide them. itr: image names, for memorization.csv; groups: one code per patient, for the realism halves.
@@ -676,7 +678,7 @@ def main(argv=None):
     stratum = np.where(ytr.any(1), ytr.argmax(1), len(classes)) if args.multi else ytr  # label sets: first finding
     ref = reference_films(pid[0], stratum, args.reference_share, args.seed)  # (N_train,) bool
     y_po, groups = np.concatenate([ytr[~ref], yva, yte]), pd.factorize(np.concatenate([pid[0][~ref], *pid[1:]]))[0]
-    if not any(min(of(ys, c).sum(), of(y_po, c).sum() // 2) >= 2 for c in range(len(classes))):  # matched_realism
+    if not any(min(of_class(ys, c).sum(), of_class(y_po, c).sum() // 2) >= 2 for c in range(len(classes))):  # matched_realism
         die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real pool films to compare to")
     (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it: once the input is good
     print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)} (the reference classifier learns from {ref.sum()}, "
@@ -716,8 +718,8 @@ def main(argv=None):
     pool = lambda tr, va, te: np.concatenate([tr[~ref], va, te])  # train films the reference did not learn, val, test
     f_po, p_po, px_po = pool(f_tr, f_va, f_te), pool(p_tr, p_va, p_te), pool(px_tr.numpy(), pixels(xva).numpy(), px_te)
     t_s, t_po = texture(xs), pool(texture(xtr), texture(xva), texture(xte))  # (N, 2): grain, gradient
-    hit_s, hit_po = (p_s.argmax(1) == ys, p_po.argmax(1) == y_po) if not args.multi else (ys[:, 0] >= 0,) * 2  # called
-    # its class (multi-label: not used; --filter recognised is for single-label data)
+    hit_s = p_s.argmax(1) == ys if not args.multi else np.ones(len(ys), bool)  # called their class (multi-label:
+    hit_po = p_po.argmax(1) == y_po if not args.multi else None  # --filter recognised is for single-label data)
     px_s = px_s.numpy()
     noisy = t_s[:, 0] > GRAIN_X * t_po[:, 0].max()  # noise, not a film: grainier than any real film, by far
     share = lambda hit: hit.mean() if len(hit) else np.nan
@@ -726,8 +728,8 @@ def main(argv=None):
     per_class, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
     # label fidelity: share of a class's films called that class; multi-label: the AUC of the finding's score between
     # films with it and films without it, synthetic (drawn with / without) and real (the pool); No Finding: of -max p
-    rows = [(name, of(ys, c), of(y_po, c), share(hit_s[ys == c]) if not args.multi else auc(p_s[:, c], of(ys, c)),
-             share(hit_po[y_po == c]) if not args.multi else auc(p_po[:, c], of(y_po, c)))
+    rows = [(name, of_class(ys, c), of_class(y_po, c), share(hit_s[ys == c]) if not args.multi else auc(p_s[:, c], of_class(ys, c)),
+             share(hit_po[y_po == c]) if not args.multi else auc(p_po[:, c], of_class(y_po, c)))
             for c, name in enumerate(classes)]
     if args.multi:
         clear_s, clear_po = ~ys.any(1), ~y_po.any(1)
@@ -753,8 +755,8 @@ def main(argv=None):
     save_rows_png([[(xs[i], f"synthetic {ps['label'].iat[i]}" + (" FLAGGED" if flag[i] else "")),
                     (x_seen[jp[i]], f"train {names_seen[jp[i]]} r={r_s[i]:.3f}")] for i in order],
                   out / "closest_pairs.png", 200)
-    save_rows_png([[(im, f"real {n}") for im in xte[of(yte, c)][:4]] + [(im, f"synthetic {n}")
-                                                                       for im in xs[of(ys, c)][:4]]
+    save_rows_png([[(im, f"real {n}") for im in xte[of_class(yte, c)][:4]] + [(im, f"synthetic {n}")
+                                                                       for im in xs[of_class(ys, c)][:4]]
                    for c, n in enumerate(classes) if n in per_class], out / "grid.png", 128)
 
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?
