@@ -1,17 +1,15 @@
 """
-model.py - the module every script imports: class-conditional UNet, noise schedule, samplers, checkpoints, export.
+model.py - the module every script imports: class-conditional UNet, noise schedule, samplers, checkpoints.
 
     unet = build_unet(image_size=256, preset="base")                       # 1x256x256, ~114M parameters
     xt = add_noise(x0, eps, t, make_schedule().alphas_cumprod)             # the forward process q(xt | x0)
     x0 = sample(unet, labels, sampler="ddim-2m", steps=25, guidance=1.25)  # (B, 1, H, W) in [-1, 1]
 """
 import argparse
-import copy
 import json
 import math
 import os
 import pickle
-import shutil
 import sys
 import zipfile
 
@@ -100,18 +98,6 @@ def classes_of(data_dir):  # the class names (multi: the findings) in class_id o
     return list(prepared(data_dir, "classes", CLASSES))
 
 
-def flops_per_image(model, image_size):
-    """Forward-pass FLOPs for one image (a multiply-add counts 2), counted on the meta device: no memory, no time."""
-    from diffusers import UNet2DModel
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        unet, t = UNet2DModel.from_config(model.config), torch.zeros(1, dtype=torch.long)
-        y = t  # a class id, or a label set
-        if isinstance(model.class_embedding, MultiHotEmbedding):
-            unet, y = multi_hot(unet), torch.zeros(1, model.config.num_class_embeds)
-        unet(torch.zeros(1, 1, image_size, image_size), t, class_labels=y)
-    return counter.get_total_flops()
-
 # -----------------------------------------------------------------------------
 # The noise schedule (Ho et al. 2020): 1000 steps, betas linear from 1e-4 to 0.02; the model predicts eps or
 # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022). --shift s divides every SNR(t) by s^2
@@ -169,6 +155,8 @@ SAMPLERS = {  # name: (diffusers scheduler, its options); "trailing" spacing: th
                                                   sample_max_value=1.0)),
 }
 DEFAULT_STEPS = {"ddim-2m": 25, "ddpm": 1000, "ddim": 50, "dpm++": 25}
+DEFAULT_SAMPLER, DEFAULT_GUIDANCE = "ddim-2m", 1.25  # sample.py's sampler and guidance scale, chosen by measurement
+# (docs/results.md); train.py's sample grids and the exported model card use them too
 RHO, T_MIN = 7.0, 2  # ddim-2m's steps: noise levels spaced as Karras et al. (2022), from t=999 down to T_MIN
 CHURN = (100, 600)  # ddim-2m with eta > 0 adds fresh noise only at these t, where the grain of a few films forms
 
@@ -333,91 +321,3 @@ def unet_from_checkpoint(ckpt, ema=True):
     model = multi_hot(model) if ckpt.get("labels") == "multi" else model
     model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
     return model.eval()
-
-# -----------------------------------------------------------------------------
-# Export: unet/ (the EMA weights), scheduler/ (CARD_SAMPLER on the training schedule) and README.md (the model card)
-# in the run folder: a model that diffusers alone loads and samples. The card states the defaults below.
-
-DEFAULT_SAMPLER = "ddim-2m"  # sample.py's defaults, chosen by measurement (docs/results.md)
-DEFAULT_GUIDANCE = 1.25  # classifier-free guidance scale
-CARD_SAMPLER = "ddim"  # the card's plain-diffusers loop: ddim-2m's first-order part, a diffusers scheduler
-MULTI_EMBED = """
-E = unet.class_embedding.weight.detach()  # ({n}, D): a vector per finding, the last the null label's
-unet.class_embedding = torch.nn.Identity()  # class_labels below are already embedded: a film's findings summed
-onehot = torch.zeros(2, {n})  # (2, {n}): the findings, then the null label
-onehot[0, y], onehot[1, {null}] = 1, 1"""
-
-CARD = """---
-library_name: diffusers
-tags: [medical-imaging, chest-x-ray, synthetic-data, ddpm]
----
-# Synthetic chest X-rays: a class-conditional DDPM ({size}x{size}, grayscale)
-
-**Synthetic images, not patient images. Not for diagnosis** or any clinical decision. Mark every image you save
-or share as synthetic (the code below writes `synthetic=1` into the PNG).
-
-- `unet/`: diffusers `UNet2DModel`, {size}x{size} px in [-1, 1] (8-bit gray = round((x + 1) * 127.5)), prediction_type
-  "{c.prediction_type}" (epsilon: the noise; v_prediction: sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0).
-- `scheduler/`: `{cls}` on the training schedule, timestep spacing "{c.timestep_spacing}"; any diffusers scheduler
-  can be built from its config. Sampling: {steps} steps, guidance w = {w}: out = out_null + w (out_cond - out_null).
-
-| {head} |
-|---|---|
-{rows}
-| {null} | null label: the unconditional model, for classifier-free guidance |
-
-```python
-import torch
-from diffusers import UNet2DModel, {cls}
-from PIL import Image, PngImagePlugin
-
-folder, y, w, seed = ".", {y}, {w}, 0  # this folder; {y_what}; guidance scale; noise seed
-unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval(){embed}
-scheduler = {cls}.from_pretrained(folder, subfolder="scheduler")
-scheduler.set_timesteps({steps})
-size, g, labels = unet.config.sample_size, torch.Generator().manual_seed(seed), {labels}
-x = torch.randn(1, 1, size, size, generator=g) * scheduler.init_noise_sigma  # (1, 1, H, W): pure noise
-with torch.no_grad():
-    for t in scheduler.timesteps:  # the class and the null label in one batch of 2
-        x_in = scheduler.scale_model_input(x, t).repeat(2, 1, 1, 1)
-        out_cond, out_null = unet(x_in, t, class_labels=labels).sample.chunk(2)  # {c.prediction_type}
-        x = scheduler.step(out_null + w * (out_cond - out_null), t, x{gen}).prev_sample
-gray = ((x.clamp(-1, 1)[0, 0] + 1) * 127.5).round().byte().numpy()  # (H, W) uint8
-info = PngImagePlugin.PngInfo()
-info.add_text("synthetic", "1")
-Image.fromarray(gray).save(f"synthetic_{fname}_seed{{seed}}.png", pnginfo=info)
-```
-"""
-
-
-def export_pretrained(model, out_dir, schedule=None, classes=CLASSES, multi_label=False):
-    """Write out_dir/unet, out_dir/scheduler, out_dir/README.md (replacing them); other files in out_dir are kept."""
-    tmp = os.path.join(out_dir, "export.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash mid-export
-    if multi_label:  # saved as the nn.Embedding it was built from: a plain UNet2DModel (the card sums the vectors)
-        model = copy.deepcopy(model)
-        model.class_embedding = torch.nn.Embedding(model.config.num_class_embeds, model.class_embedding.embedding_dim,
-                                                   _weight=model.class_embedding.weight.data)
-    model.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
-    scheduler = diffusers_scheduler(CARD_SAMPLER, (schedule or make_schedule()).config)
-    # write every value: diffusers re-reads the ones it marks as defaults from whatever version loads the file
-    scheduler = type(scheduler).from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
-    scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-    rows, null = "\n".join(f"| {i} | {name} |" for i, name in enumerate(classes)), null_label(model)
-    if multi_label:  # a pair of findings, e.g. Effusion + Atelectasis
-        pair = [i for i, c in enumerate(classes) if c in ("Effusion", "Atelectasis")][::-1] or [0, 1][:len(classes)]
-        card = dict(head="column of class_labels | finding (none set: No Finding)", y=pair, fname="findings",
-                    y_what="findings " + " + ".join(classes[i] for i in pair), labels="onehot @ E",
-                    embed=MULTI_EMBED.format(n=null + 1, null=null))
-    else:
-        y = min(3, len(classes) - 1)
-        card = dict(head="class_labels | class", y=y, y_what=f"class {y} = {classes[y]}", fname="class{y}",
-                    labels=f"torch.tensor([y, {null}])", embed="")
-    with open(os.path.join(tmp, "README.md"), "w") as f:  # only ddpm adds noise each step: it takes the generator
-        f.write(CARD.format(size=model.config.sample_size, c=scheduler.config, cls=type(scheduler).__name__, rows=rows,
-                            null=null, steps=DEFAULT_STEPS[CARD_SAMPLER], w=DEFAULT_GUIDANCE, **card,
-                            gen=", generator=g" if CARD_SAMPLER == "ddpm" else ""))
-    for name in ("unet", "scheduler", "README.md"):  # each renamed into place whole: no reader sees half a unet/
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)

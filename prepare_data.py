@@ -395,7 +395,7 @@ def make_demo(raw, seed=0, multi=False):
     Path(raw, "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description="Prepare labelled chest X-rays (NIH, your own, or a phantom demo) for "
                                 "training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- input ----
@@ -424,8 +424,6 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
     p.add_argument("--no-cache", action="store_true", help="skip decoding images into cache.npy")
     args = p.parse_args(argv)
-    out, done = args.out, os.path.exists(os.path.join(args.out, "metadata.parquet"))
-    held = f"{ERR} --out {out} already holds a prepared dataset (metadata.parquet)"
     if args.size not in SIZES:  # before any work: train.py refuses any other size, after a full decode
         raise SystemExit(f"{ERR} --size {args.size}: use one of {', '.join(map(str, SIZES))} (train.py's UNet "
                          f"takes powers of two >= 32)")
@@ -436,69 +434,55 @@ def main(argv=None):
             re.compile(regex or "")
         except re.error as e:
             raise SystemExit(f"{ERR} {flag} '{regex}': not a regex ({e})")
-    names, labels = parse_classes(args.classes)
-    if args.demo:  # the phantoms are inputs like any other: never regenerated under a prepared dataset
-        args.csv, args.images = os.path.join(out, "raw", "Data_Entry_2017.csv"), os.path.join(out, "raw")
-        if args.overwrite or not done:
-            make_demo(args.images, args.seed, args.labels == "multi")  # creates --out too
-        elif not os.path.isfile(args.csv):
-            raise SystemExit(f"{held}, not a demo; pass --overwrite to replace it")
-    elif not args.images:
-        raise SystemExit(f"{ERR} --images is required (with --csv, or alone for a folder per class; or use --demo)")
-    if not os.path.isdir(args.images):
-        raise SystemExit(f"{ERR} --images {args.images}: no such directory")
-
-    # ---- labels -> one label per film -> patient split (before looking at the disk: the split never depends on it)
-    t0, n_dup = time.time(), 0
-    if args.csv and not os.path.isfile(args.csv):
-        raise SystemExit(f"{ERR} --csv {args.csv}: no such file")
-    source = "folders" if not args.csv else "nih" if "Image Index" in header(args.csv) else "csv"
-    multi = args.labels == "multi"
-    if multi and source != "nih":
-        raise SystemExit(f"{ERR} --labels multi reads an NIH-layout label file (Image Index, Finding Labels, Patient "
-                         f"ID), not {'a plain CSV' if args.csv else 'folders'}: {args.csv or args.images}")
-    if multi and args.classes != p.get_default("classes"):
+    args.explicit = args.classes != p.get_default("classes")  # a user's own list must be learnable as a whole
+    if args.labels == "multi" and args.explicit:
         raise SystemExit(f"{ERR} --classes names the classes of --labels single; --labels multi takes NIH's 14 "
                          f"findings: {', '.join(MULTI)}")
-    if multi:  # every film, a 0/1 column per finding
+    return args
+
+
+def read_source(args, names, labels, source):
+    """The label file (or folders) -> (raw rows, meta: one row per film kept, unlisted films, duplicates dropped,
+    the finding columns kept, what the films are)"""
+    if source == "nih" and args.labels == "multi":  # every film, a 0/1 column per finding
         raw = read_labels(args.csv)
         df, M, n_dup = drop_duplicates(raw, parse_findings(raw["labels"], args.csv), args.csv)
-        meta, unlisted, names = multi_labels(df, M, args.csv), df.iloc[:0], MULTI
-        findings, what = MULTI, "films (every one: --labels multi)"
-    elif source == "nih":  # the films whose whole label set is one finding that --classes names
+        return raw, multi_labels(df, M, args.csv), df.iloc[:0], n_dup, MULTI, "films (every one: --labels multi)"
+    if args.labels == "multi":
+        raise SystemExit(f"{ERR} --labels multi reads an NIH-layout label file (Image Index, Finding Labels, Patient "
+                         f"ID), not {'a plain CSV' if args.csv else 'folders'}: {args.csv or args.images}")
+    if source == "nih":  # the films whose whole label set is one finding that --classes names
         extra = [lab for lab in labels if lab not in map(norm, FINDINGS)]  # your own labels in NIH's layout
         findings = FINDINGS + [names[labels[lab]] for lab in extra]  # the finding columns, named by their class
         raw = read_labels(args.csv)
         df, M, n_dup = drop_duplicates(raw, parse_findings(raw["labels"], args.csv, extra), args.csv)
         column_class = [labels.get(norm(f), -1) for f in FINDINGS + extra]
-        meta, unlisted = select_classes(df, M, column_class, findings), df.iloc[:0]
-        what = "single-label images"
-    else:  # one label per film, from a plain CSV or the folders
-        raw = read_plain(args.csv) if source == "csv" else read_folders(args.images, args.label_regex,
+        return raw, select_classes(df, M, column_class, findings), df.iloc[:0], n_dup, findings, "single-label images"
+    # one label per film, from a plain CSV or the folders
+    raw = df = read_plain(args.csv) if source == "csv" else read_folders(args.images, args.label_regex,
                                                                          args.patient_regex)
-        df = raw
-        if source == "csv":
-            df, _, n_dup = drop_duplicates(raw, raw[["labels"]].to_numpy(), args.csv, "patient or label")
-        df = df.assign(class_id=df["labels"].map(norm).map(labels).fillna(-1).astype(np.int64))
-        unlabelled = df["labels"] == ""  # kept with class_id -1: they train the generator's null condition only
-        meta, unlisted = df[(df.class_id >= 0) | unlabelled].sort_values("image_index", kind="stable").reset_index(
-            drop=True), df[(df.class_id < 0) & ~unlabelled]
-        if len(unlisted) and not args.drop_unlisted:
-            counts = unlisted["labels"].value_counts()
-            raise SystemExit(f"{ERR} {args.csv or args.images}: {len(unlisted)} films labelled with no class of "
-                             f"--classes: " + ", ".join(f"'{k}' ({v})" for k, v in counts.items())
-                             + "; name them in --classes (Name=label) or pass --drop-unlisted")
-        if (df["patient_id"] == df["image_index"]).all():
-            print("no patient ids: every film counts as its own patient. If patients have several films, they can "
-                  "land in two splits (leakage): give the label file a patient column, or --patient-regex")
-        what = "labelled films"
-    if multi:  # the split balances every finding, and No Finding, by image count
-        Y = np.column_stack([meta[MULTI].to_numpy(), meta["label"] == "No Finding"])  # (N, 15)
-    else:
-        meta["label"] = np.array(names + [""])[meta["class_id"]] if len(meta) else ""  # class_id -1: "" (unlabelled)
-        Y = one_hot(meta["class_id"].to_numpy()) if len(meta) else np.zeros((0, 1))  # (N, C [+ 1 unlabelled])
-    explicit = args.classes != p.get_default("classes")  # a user's own list must be learnable as a whole
-    few = []  # --labels multi: findings too rare for every split, named in one line
+    n_dup = 0
+    if source == "csv":
+        df, _, n_dup = drop_duplicates(raw, raw[["labels"]].to_numpy(), args.csv, "patient or label")
+    df = df.assign(class_id=df["labels"].map(norm).map(labels).fillna(-1).astype(np.int64))
+    unlabelled = df["labels"] == ""  # kept with class_id -1: they train the generator's null condition only
+    meta, unlisted = df[(df.class_id >= 0) | unlabelled].sort_values("image_index", kind="stable").reset_index(
+        drop=True), df[(df.class_id < 0) & ~unlabelled]
+    if len(unlisted) and not args.drop_unlisted:
+        counts = unlisted["labels"].value_counts()
+        raise SystemExit(f"{ERR} {args.csv or args.images}: {len(unlisted)} films labelled with no class of "
+                         f"--classes: " + ", ".join(f"'{k}' ({v})" for k, v in counts.items())
+                         + "; name them in --classes (Name=label) or pass --drop-unlisted")
+    if (df["patient_id"] == df["image_index"]).all():
+        print("no patient ids: every film counts as its own patient. If patients have several films, they can "
+              "land in two splits (leakage): give the label file a patient column, or --patient-regex")
+    return raw, meta, unlisted, n_dup, [], "labelled films"
+
+
+def check_classes(meta, names, multi, explicit, where):
+    """A class (finding) with films of fewer than 3 patients cannot reach every split: an error for a user's own
+    --classes, a note otherwise; --labels multi names such findings in one line."""
+    few = []
     for c, name in enumerate(names):
         of_c = meta[MULTI[c]].to_numpy() == 1 if multi else meta["class_id"].to_numpy() == c
         n, pts = of_c.sum(), meta.loc[of_c, "patient_id"].nunique()
@@ -506,25 +490,19 @@ def main(argv=None):
         if why and multi:
             few.append(f"{name} ({why})")
         elif why and explicit:
-            raise SystemExit(f"{ERR} --classes: class '{name}' has {why} in {args.csv or args.images}; a patient "
-                             f"split into train, val and test needs at least 3 patients")
+            raise SystemExit(f"{ERR} --classes: class '{name}' has {why} in {where}; a patient split into train, val "
+                             f"and test needs at least 3 patients")
         elif why:
             print(f"class '{name}' has {why}: not every split will hold it")
     if few:
         print(f"{len(few)} findings too rare to reach every split (the model learns little or nothing of them): "
               + ", ".join(few))
     if not multi and (meta.class_id >= 0).sum() == 0:
-        raise SystemExit(f"{ERR} {args.csv or args.images}: no film labelled with one of {names}")
-    meta["split"] = split_patients(meta["patient_id"].to_numpy(), Y, args.seed)
-    assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
-    assert meta["image_index"].is_unique, "an image is in two splits"  # or twice in one: never written
-    n_unl = 0 if multi else (meta.class_id < 0).sum()
-    print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta) - n_unl} {what}"
-          + (f" and {n_unl} unlabelled (an empty label: for the generator's null condition only)" if n_unl else "")
-          + f" of {meta.patient_id.nunique()} patients" + (f" ({len(unlisted)} of other labels dropped: unlisted.csv)"
-                                                           if len(unlisted) else ""))
+        raise SystemExit(f"{ERR} {where}: no film labelled with one of {names}")
 
-    # ---- resolve paths; missing images are dropped, counted and listed ----
+
+def resolve_paths(meta, args, source, names):
+    """-> (meta of the films found on disk, with their path; the missing ones), missing counted per split"""
     if source != "folders":  # a file name found anywhere under --images, or (a plain CSV) a path under it
         index = index_images(args.images)
         here = lambda name: os.path.realpath(os.path.join(args.images, name)) if source == "csv" and os.path.isfile(
@@ -534,32 +512,31 @@ def main(argv=None):
     meta = meta[meta["path"].notna()].reset_index(drop=True)
     if len(missing):
         print(f"{len(missing)} images not found under {args.images} (missing.csv):")
-        print(missing["split"].value_counts().reindex(SPLITS, fill_value=0).to_string() if multi else
-              pd.crosstab(missing.label, missing.split).reindex(index=names, columns=SPLITS, fill_value=0))
+        print(missing["split"].value_counts().reindex(SPLITS, fill_value=0).to_string() if args.labels == "multi"
+              else pd.crosstab(missing.label, missing.split).reindex(index=names, columns=SPLITS, fill_value=0))
     if len(meta) == 0:
         raise SystemExit(f"{ERR} --images {args.images}: none of the images in {args.csv} found")
-    print(f"labels and paths: {time.time() - t0:.1f}s")
+    return meta, missing
 
-    # ---- the same inputs and settings as the dataset in --out: nothing to do; anything else needs --overwrite ----
-    listing = raw[["image_index", "patient_id", "labels"]].to_csv(index=False).encode()  # the folders' "label file"
-    stamp = {"labels_sha256": hashlib.sha256(Path(args.csv).read_bytes() if args.csv else listing).hexdigest(),
-             "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),  # paths, not contents
-             "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache,
-             "classes": names, "source": source, "label_map": args.classes, "label_regex": args.label_regex,
-             "patient_regex": args.patient_regex, "drop_unlisted": args.drop_unlisted, "labels": args.labels}
-    if done and not args.overwrite:
-        old = {}
-        with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
-            old = json.load(fh)
-        before = {"classes": CLASSES, "source": "nih", "label_map": ",".join(CLASSES), "label_regex": None,
-                  "patient_regex": None, "drop_unlisted": False, "labels": "single"}  # what an older prepare.json
-        # (from before --classes, or before --labels) means
-        if not (diff := [k for k in stamp if {**before, **old}.get(k) != stamp[k]]):
-            return print(f"{out} is already prepared from the same inputs and settings (prepare.json): nothing to do")
-        why = f"other {', '.join(diff)}" if old else "no prepare.json"
-        raise SystemExit(f"{held} from other inputs or settings ({why}); pass --overwrite to replace it")
 
-    # ---- cache: decode once, corrupt files out of the splits ----
+def prepared_before(out, stamp):
+    """True if out holds a dataset prepared from these inputs and settings (prepare.json); another: an error"""
+    old = {}
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "prepare.json")) as fh:
+        old = json.load(fh)
+    before = {"classes": CLASSES, "source": "nih", "label_map": ",".join(CLASSES), "label_regex": None,
+              "patient_regex": None, "drop_unlisted": False, "labels": "single"}  # what an older prepare.json
+    # (from before --classes, or before --labels) means
+    if not (diff := [k for k in stamp if {**before, **old}.get(k) != stamp[k]]):
+        return True
+    why = f"other {', '.join(diff)}" if old else "no prepare.json"
+    raise SystemExit(f"{ERR} --out {out} already holds a prepared dataset (metadata.parquet) from other inputs or "
+                     f"settings ({why}); pass --overwrite to replace it")
+
+
+def write_dataset(out, meta, missing, unlisted, args, multi, findings, stamp):
+    """cache.npy (decoded once; unreadable films out of the splits), then every table: temp name + rename;
+    metadata.parquet, then prepare.json last: they mark a finished dataset. -> meta of the films kept"""
     os.makedirs(out, exist_ok=True)
     meta["cache_row"], meta["synthetic"] = np.int64(-1), np.int64(0)  # real films; sample.py's manifest has 1
     bad = meta.iloc[:0].assign(error="")
@@ -575,10 +552,8 @@ def main(argv=None):
         print(f"{n_rect} non-square images made square (--aspect {args.aspect})")
         if len(bad):
             print(f"{len(bad)} unreadable images dropped (bad_images.csv)")
-
-    # ---- write: temp name + rename; metadata.parquet, then prepare.json last: they mark a finished dataset ----
     head = ["image_index", "patient_id", "label"] + ([] if multi else ["class_id"]) + ["split"]  # every table's first
-    meta = meta[head + ["path", "cache_row", "synthetic"] + (findings if source == "nih" else [])]
+    meta = meta[head + ["path", "cache_row", "synthetic"] + findings]
     listed = [c for c in LIST_COLS if c != "class_id"] + MULTI if multi else LIST_COLS  # multi: the finding columns
     tables = {"missing.csv": missing[head], "bad_images.csv": bad[head + ["path", "error"]],
               **{f"{sp}.csv": meta.loc[meta.split == sp, listed] for sp in SPLITS}}
@@ -589,8 +564,12 @@ def main(argv=None):
     table = pa.Table.from_pandas(meta, preserve_index=False).replace_schema_metadata(None)  # same inputs, same bytes
     replace_file(os.path.join(out, "metadata.parquet"), lambda tmp: pq.write_table(table, tmp))
     replace_file(os.path.join(out, "prepare.json"), lambda tmp: Path(tmp).write_text(json.dumps(stamp, indent=1)))
+    return meta
 
-    if multi:  # films (and patients) per finding and split; a film counts under each of its findings
+
+def print_counts(meta, names, multi, out):
+    """Films and patients per class (finding) and split; with --labels multi a film counts under each finding"""
+    if multi:
         rows = [f for f in MULTI if meta[f].any()] + ["No Finding"]  # the findings it holds
         long = meta.assign(**{"No Finding": meta["label"] == "No Finding"}).melt(["patient_id", "split"], rows, "label")
         long = long[long["value"] == 1]
@@ -602,6 +581,64 @@ def main(argv=None):
     print(pd.concat({"images": img, "patients": pat.fillna(0).astype(int), "share %": share}, axis=1)
           .rename(index={"": "(unlabelled)"}).to_string())
     print(f"total: {len(meta)} images, {meta.patient_id.nunique()} patients -> {out}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out, done, multi = args.out, os.path.exists(os.path.join(args.out, "metadata.parquet")), args.labels == "multi"
+    names, labels = parse_classes(args.classes)
+    if args.demo:  # the phantoms are inputs like any other: never regenerated under a prepared dataset
+        args.csv, args.images = os.path.join(out, "raw", "Data_Entry_2017.csv"), os.path.join(out, "raw")
+        if args.overwrite or not done:
+            make_demo(args.images, args.seed, multi)  # creates --out too
+        elif not os.path.isfile(args.csv):
+            raise SystemExit(f"{ERR} --out {out} already holds a prepared dataset (metadata.parquet), not a demo; "
+                             f"pass --overwrite to replace it")
+    elif not args.images:
+        raise SystemExit(f"{ERR} --images is required (with --csv, or alone for a folder per class; or use --demo)")
+    if not os.path.isdir(args.images):
+        raise SystemExit(f"{ERR} --images {args.images}: no such directory")
+    if args.csv and not os.path.isfile(args.csv):
+        raise SystemExit(f"{ERR} --csv {args.csv}: no such file")
+
+    # ---- labels -> one label (or label set) per film -> patient split, before looking at the disk: the split never
+    # depends on it
+    t0 = time.time()
+    source = "folders" if not args.csv else "nih" if "Image Index" in header(args.csv) else "csv"
+    raw, meta, unlisted, n_dup, findings, what = read_source(args, names, labels, source)
+    names = MULTI if multi else names
+    if multi:  # the split balances every finding, and No Finding, by image count
+        Y = np.column_stack([meta[MULTI].to_numpy(), meta["label"] == "No Finding"])  # (N, 15)
+    else:
+        meta["label"] = np.array(names + [""])[meta["class_id"]] if len(meta) else ""  # class_id -1: "" (unlabelled)
+        Y = one_hot(meta["class_id"].to_numpy()) if len(meta) else np.zeros((0, 1))  # (N, C [+ 1 unlabelled])
+    check_classes(meta, names, multi, args.explicit, args.csv or args.images)
+    meta["split"] = split_patients(meta["patient_id"].to_numpy(), Y, args.seed)
+    assert meta.groupby("patient_id")["split"].nunique().max() == 1, "a patient is in two splits"
+    assert meta["image_index"].is_unique, "an image is in two splits"  # or twice in one: never written
+    n_unl = 0 if multi else (meta.class_id < 0).sum()
+    print(f"{len(raw)} label rows ({n_dup} exact duplicates dropped) -> {len(meta) - n_unl} {what}"
+          + (f" and {n_unl} unlabelled (an empty label: for the generator's null condition only)" if n_unl else "")
+          + f" of {meta.patient_id.nunique()} patients" + (f" ({len(unlisted)} of other labels dropped: unlisted.csv)"
+                                                           if len(unlisted) else ""))
+
+    # ---- the films on disk: missing ones dropped, counted and listed ----
+    meta, missing = resolve_paths(meta, args, source, names)
+    print(f"labels and paths: {time.time() - t0:.1f}s")
+
+    # ---- the same inputs and settings as the dataset in --out: nothing to do; anything else needs --overwrite ----
+    listing = raw[["image_index", "patient_id", "labels"]].to_csv(index=False).encode()  # the folders' "label file"
+    stamp = {"labels_sha256": hashlib.sha256(Path(args.csv).read_bytes() if args.csv else listing).hexdigest(),
+             "images_sha256": hashlib.sha256("\n".join(meta["path"]).encode()).hexdigest(),  # paths, not contents
+             "size": args.size, "seed": args.seed, "aspect": args.aspect, "cache": not args.no_cache,
+             "classes": names, "source": source, "label_map": args.classes, "label_regex": args.label_regex,
+             "patient_regex": args.patient_regex, "drop_unlisted": args.drop_unlisted, "labels": args.labels}
+    if done and not args.overwrite and prepared_before(out, stamp):
+        return print(f"{out} is already prepared from the same inputs and settings (prepare.json): nothing to do")
+
+    # ---- write: the cache, the tables, prepare.json; then films and patients per class and split ----
+    meta = write_dataset(out, meta, missing, unlisted, args, multi, findings, stamp)
+    print_counts(meta, names, multi, out)
 
 
 if __name__ == "__main__":

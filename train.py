@@ -7,7 +7,7 @@ train.py - train the class-conditional DDPM on prepared chest X-rays (prepare_da
     python train.py --resume --out-dir runs/nih-base-256              # continue where it stopped (or was stopped)
 
 Writes into --out-dir: ckpt.pt (all --resume needs), metrics.csv, samples_step{N:06d}.png (EMA samples, a row per
-class), snapshots/ (--snapshot-every, for curve.py) and the export: unet/ + scheduler/ + README.md (a model card).
+class) and snapshots/ (--snapshot-every, for curve.py). instruments/export.py makes a run a diffusers folder.
 Ctrl-C or SIGTERM (once or repeated): finish the step, save, exit 0; a second Ctrl-C aborts.
 """
 import argparse
@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (AUTO, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NUM_TIMESTEPS, PRESETS, HelpFormatter,
-                   add_noise, auto_amp, bar_pace, build_unet, classes_of, export_pretrained, labels_of,
+                   add_noise, auto_amp, bar_pace, build_unet, classes_of, labels_of,
                    load_checkpoint, loss_weights, make_schedule, null_labels, pick_preset, replace_file, sample,
                    save_checkpoint, set_threads, target, unet_config)
 
@@ -86,7 +86,7 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cuda|cpu (default cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the noise")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if it has no "
-                   "ckpt.pt; a finished run just exports again), so the same command can be run again")
+                   "ckpt.pt; a finished run stays as it is), so the same command can be run again")
     # ---- logging (an --*-every of 0 turns it off) ----
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines / metrics.csv rows")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between val losses")
@@ -554,16 +554,11 @@ def main(argv=None):
     for s, h in old_handlers.items():
         signal.signal(s, h)
 
-    # ---- the end (ckpt.pt was saved in the last step): the EMA weights for UNet2DModel.from_pretrained ----
+    # ---- the end: ckpt.pt was saved in the last step ----
     if master:
-        export_pretrained(copy.deepcopy(ema).to("cpu", memory_format=torch.contiguous_format), args.out_dir,
-                          noise_schedule, classes, multi)
         peak = f" (peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)" if cuda else ""
-        if done > start:
-            print(f"train.py: step {done}: wrote {ckpt_path} and {args.out_dir}/unet{peak}")
-        else:  # --resume of a finished run: no step, so ckpt.pt was not saved; the export is written again
-            print(f"train.py: the run was already at step {done} (--max-steps {args.max_steps}): nothing trained, "
-                  f"{ckpt_path} unchanged; wrote {args.out_dir}/unet again")
+        print(f"train.py: step {done}: wrote {ckpt_path}{peak}" if done > start else f"train.py: the run was already "
+              f"at step {done} (--max-steps {args.max_steps}): nothing trained, {ckpt_path} unchanged")
     if world > 1:  # wait until every rank is here, so no gloo worker still holds a tensor from the last all-reduce:
         dist.barrier()  # tearing the group down under one deadlocks on the GIL (seen here as a hang at exit)
         del model  # DDP's reducer holds the group: drop it first

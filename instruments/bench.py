@@ -7,7 +7,7 @@ bench.py - measured speed, as ratios taken in one run: data loading, train.py it
     python instruments/bench.py --data-dir data/kermany64 --image-size 64 --preset tiny --batch-sizes 32  # your data
 
 Writes bench.json (every number, the device, the date, the peak FLOP/s behind MFU) and bench.md (the tables, as
-printed) into --out-dir. MFU = 3 x model.flops_per_image (forward + backward ~ 3 forwards) x img/s / dense bf16 peak.
+printed) into --out-dir. MFU = 3 x flops_per_image (forward + backward ~ 3 forwards) x img/s / dense bf16 peak.
 """
 import argparse
 import copy
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]  # the pipeline scripts
@@ -50,6 +50,18 @@ def timed(fn, device, repeat, warmup=None):
         sync()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def flops_per_image(unet, image_size):
+    """Forward-pass FLOPs for one image (a multiply-add counts 2), counted on the meta device: no memory, no time."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        meta, t = UNet2DModel.from_config(unet.config), torch.zeros(1, dtype=torch.long)
+        y = t  # a class id, or a label set
+        if isinstance(unet.class_embedding, model.MultiHotEmbedding):
+            meta, y = model.multi_hot(meta), torch.zeros(1, unet.config.num_class_embeds)
+        meta(torch.zeros(1, 1, image_size, image_size), t, class_labels=y)
+    return counter.get_total_flops()
 
 
 def guarded(fn, device):
@@ -100,15 +112,17 @@ def bench_train(args, data, batch, flags, work):
 
 
 def whole_loop(args, data, work):
-    """--gpu-check: train.py and sample.py on the demo data, run here as a user runs them (bench.py imports model.py
-    alone), into gpu_check.log (what a time limit cuts short leaves is there); metrics.csv and the grid copied out."""
+    """--gpu-check: train.py, sample.py and export.py on the demo data, run here as a user runs them (bench.py imports
+    model.py alone), into gpu_check.log (what a time limit cuts short leaves is there); metrics.csv and the grid
+    copied out."""
     steps, dev, out, rows = args.train_steps, ["--device", args.device], args.out_dir, []
     run = os.path.join(work, "loop")  # ckpt.pt (1.8 GB at base) and the export stay out of --out-dir
     with open(os.path.join(out, "gpu_check.log"), "a") as log:
         for cmd in (["train.py", "--data-dir", data, "--out-dir", run, "--preset", args.preset, "--batch-size", "8",
                      "--max-steps", str(steps), "--log-every", "10", "--eval-every", str(max(1, steps // 3)),
                      "--sample-every", str(steps), "--save-every", str(steps), *dev],
-                    ["sample.py", "--ckpt", run, "--class", "all", "--n", "4", "--out", os.path.join(work, "s"), *dev]):
+                    ["sample.py", "--ckpt", run, "--class", "all", "--n", "4", "--out", os.path.join(work, "s"), *dev],
+                    ["instruments/export.py", "--ckpt", run]):
             exit_code, seconds = run_script(cmd, log)
             rows.append({"command": " ".join(cmd).replace(work, "$WORK"), "seconds": seconds, "exit": exit_code})
             if exit_code:
@@ -168,7 +182,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: error: --device cuda: no CUDA device here (use --device cpu)")
     try:
-        args.flops = flops = model.flops_per_image(model.build_unet(args.image_size, args.preset), args.image_size)
+        args.flops = flops = flops_per_image(model.build_unet(args.image_size, args.preset), args.image_size)
         batches = [int(b) for b in args.batch_sizes.split(",")]
         os.makedirs(args.out_dir, exist_ok=True)
     except (ValueError, OSError) as e:

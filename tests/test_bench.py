@@ -84,8 +84,8 @@ def test_errors_other_than_out_of_memory_are_not_swallowed():
 
 
 def test_gpu_check_runs_whole_on_a_cpu_and_times_train_py_itself(tmp_path, monkeypatch):
-    """The GPU check, as a GPU runs it, on a CPU with --quick: prepare_data.py --demo, train.py and sample.py as
-    subprocesses (a loss curve and a sample grid), then the tables, each training row train.py itself on the same
+    """The GPU check, as a GPU runs it, on a CPU with --quick: prepare_data.py --demo, train.py, sample.py and export.py
+    as subprocesses (a loss curve and a sample grid), then the tables, each training row train.py itself on the same
     demo data, and the targets. These six files are all it writes."""
     calls = spy_on_scripts(monkeypatch)
     report = bench.main(["--gpu-check", *QUICK, "--timed-steps", "2", "--peak-tflops", "1", "--train-steps", "12",
@@ -93,13 +93,14 @@ def test_gpu_check_runs_whole_on_a_cpu_and_times_train_py_itself(tmp_path, monke
     files = {"bench.json", "bench.md", "gpu_check.log", "metrics.csv", "loss_curve.png", "samples.png"}
     assert {p.name for p in tmp_path.iterdir()} == files
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
-    assert [r["exit"] for r in report["loop"]["commands"]] == [0, 0, 0]
+    assert [r["exit"] for r in report["loop"]["commands"]] == [0, 0, 0, 0]
     assert all(math.isfinite(v) for v in report["loop"]["loss"] + report["loop"]["val_loss"])
     md = (tmp_path / "bench.md").read_text()
     assert "| MFU at batch 32, fastest row | - | >= 45% |" in md and "| img/s at batch 8, fastest row |" in md
     loop = "`python train.py --data-dir $WORK/data --out-dir $WORK/loop --preset tiny --batch-size 8 --max-steps 12"
     assert loop in md
-    assert "wrote 24 synthetic images" in (tmp_path / "gpu_check.log").read_text()  # sample.py ran on the checkpoint
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "wrote 24 synthetic images" in log and "export.py: step 12 EMA weights" in log  # on the checkpoint
     grid, curve = Image.open(tmp_path / "samples.png"), Image.open(tmp_path / "loss_curve.png")
     assert grid.text["synthetic"] == "1" and grid.height == 6 * 32 and curve.size == (640, 360)
 
@@ -113,9 +114,10 @@ def test_gpu_check_runs_whole_on_a_cpu_and_times_train_py_itself(tmp_path, monke
         (8, "+ channels_last, fused AdamW", "bf16 autocast", "--amp bf16 --fast-path")]
     # each row is train.py itself on the loop's demo data: 2 steps to warm up, 2 timed (its own clock, its img/s)
     fused = torch.__version__ >= (2, 4)  # fused AdamW on a CPU came with torch 2.4: before, that row says so
-    assert [c[0] for c in calls] == ["prepare_data.py", "train.py", "sample.py"] + (3 if fused else 2) * ["train.py"]
+    loop_scripts = ["prepare_data.py", "train.py", "sample.py", "export.py"]
+    assert [c[0] for c in calls] == loop_scripts + (3 if fused else 2) * ["train.py"]
     assert fused or report["train"][2]["error"] == "needs torch 2.4"
-    for cmd, r in zip(calls[3:], report["train"]):
+    for cmd, r in zip(calls[len(loop_scripts):], report["train"]):
         assert cmd[cmd.index("--data-dir") + 1] == calls[1][calls[1].index("--data-dir") + 1]
         assert " ".join(cmd).endswith("--batch-size 8 --max-steps 4 --log-every 2 --eval-every 0 --sample-every 0 "
                                       f"--save-every 0 --device cpu {r['flags']}")
@@ -127,3 +129,12 @@ def test_gpu_check_runs_whole_on_a_cpu_and_times_train_py_itself(tmp_path, monke
         ("DDPMPipeline 2", "fp32")]
     assert all(r["img_s"] > 0 for r in report["sample"])
     assert "| 8 | + channels_last, fused AdamW (`--amp bf16 --fast-path`) | bf16 autocast |" in md
+
+
+def test_flops_scale_with_pixels_and_match_a_hand_count_for_one_conv():
+    base = model.build_unet(256, "base")
+    f128, f256 = bench.flops_per_image(base, 128), bench.flops_per_image(base, 256)
+    assert 3.8 < f256 / f128 < 4.2  # convolutions dominate: 4x the pixels, about 4x the work
+    conv_in = 2 * 1 * 128 * 3 * 3 * 256 * 256  # 2 * C_in * C_out * k * k * H * W: the first conv alone
+    assert f256 > 100 * conv_in
+    assert 4.5e11 < f256 < 5.5e11  # ~496 GFLOP a forward at 256x256: the number MFU divides by

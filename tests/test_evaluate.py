@@ -1,8 +1,6 @@
 """evaluate.py on a tiny made-up dataset whose classes are easy: class c is a bright blob at its own spot."""
 import hashlib
 import json
-import sys
-import types
 
 import numpy as np
 import pandas as pd

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import export
 import model
 import prepare_data
 import sample
@@ -233,8 +234,8 @@ def test_the_export_loads_in_plain_diffusers_and_its_card_draws_a_label_set(tmp_
     """The card's own code (exec'd as written) sums the finding vectors and gives model.sample's image"""
     torch.manual_seed(0)
     unet = model.build_unet(32, "tiny", num_classes=14, multi_label=True).eval()
-    monkeypatch.setitem(model.DEFAULT_STEPS, model.CARD_SAMPLER, 4)
-    model.export_pretrained(unet, str(tmp_path), classes=MULTI, multi_label=True)
+    monkeypatch.setitem(model.DEFAULT_STEPS, export.CARD_SAMPLER, 4)
+    export.export_pretrained(unet, str(tmp_path), classes=MULTI, multi_label=True)
     assert isinstance(unet.class_embedding, model.MultiHotEmbedding)  # the export changed a copy, not the model
     card = open(tmp_path / "README.md").read()
     assert "| 14 | null label" in card and "| 4 | Effusion |" in card
@@ -244,7 +245,7 @@ def test_the_export_loads_in_plain_diffusers_and_its_card_draws_a_label_set(tmp_
     y = torch.zeros(1, 15)
     y[0, ns["y"]] = 1
     assert sorted(ns["y"]) == [MULTI.index("Atelectasis"), MULTI.index("Effusion")]
-    ref = model.sample(unet, y, model.CARD_SAMPLER, 4, ns["w"], [torch.Generator().manual_seed(ns["seed"])])
+    ref = model.sample(unet, y, export.CARD_SAMPLER, 4, ns["w"], [torch.Generator().manual_seed(ns["seed"])])
     assert torch.allclose(ns["x"].clamp(-1, 1), ref, atol=1e-5, rtol=0)
     assert Image.open(tmp_path / "synthetic_findings_seed0.png").text["synthetic"] == "1"
 

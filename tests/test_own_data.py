@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import evaluate
+import export
 import model
 import prepare_data
 import sample
@@ -190,6 +191,7 @@ def test_own_classes_end_to_end_prepare_train_sample_evaluate_export(tmp_path):
     ckpt = model.load_checkpoint(str(run))
     assert ckpt["classes"] == ["No Finding", "Bacterial pneumonia", "Viral pneumonia"]
     assert ckpt["unet_config"]["num_class_embeds"] == 4  # three classes and the null class
+    export.main(["--ckpt", str(run)])
     card = (run / "README.md").read_text()
     assert "| 2 | Viral pneumonia |" in card and "| 3 | null label" in card
     with pytest.raises(SystemExit, match="--class 'Effusion': not a class of .*; choose from No Finding, Bacterial "

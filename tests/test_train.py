@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from diffusers import UNet2DModel
 from PIL import Image
 
 import model
@@ -218,8 +217,6 @@ def test_tiny_model_overfits_and_writes_the_run_folder(tmp_path):
             "rng"} <= ckpt.keys()
     assert ckpt["step"] == 30 and ckpt["image_size"] == 32 and ckpt["classes"] == model.CLASSES
     assert not any("_orig_mod" in k for k in ckpt["model"])
-    exported = UNet2DModel.from_pretrained(out / "unet")  # the EMA weights
-    assert sd_equal(exported.state_dict(), ckpt["ema"])
 
 
 @pytest.mark.slow
@@ -424,7 +421,6 @@ def test_sigterm_twice_mid_run_saves_the_step_reached_and_exits_0(tmp_path):
     ckpt = model.load_checkpoint(str(out))
     last_logged = int(re.findall(r"^step (\d+) \| loss", rest, re.M)[-1])
     assert 1 <= ckpt["step"] == last_logged < 100000 and f"train.py: step {ckpt['step']}: wrote" in rest
-    assert os.path.isfile(out / "unet" / "config.json")
 
 # -----------------------------------------------------------------------------
 # the GPU code paths, driven on the CPU: the --amp auto decision, bf16 autocast, channels_last + fused AdamW, compile
@@ -545,7 +541,7 @@ def test_resume_starts_a_new_run_and_rerunning_a_finished_one_changes_nothing(tm
     run(data, tmp_path / "r", *cmd)
     first = torch.load(ckpt, weights_only=True)
     assert first["step"] == 3
-    assert f"train.py: step 3: wrote {ckpt} and {tmp_path / 'r'}/unet" in capsys.readouterr().out
+    assert f"train.py: step 3: wrote {ckpt}\n" in capsys.readouterr().out
     unet, _ = run(data, tmp_path / "r", *cmd)
     again = torch.load(ckpt, weights_only=True)
     assert again["step"] == 3 and sd_equal(again["model"], first["model"]) and sd_equal(unet.state_dict(), first["model"])
