@@ -146,8 +146,8 @@ def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=None): 
 # Samplers, all run in the one loop of sample(). The diffusers ones are built on the training schedule's config (its
 # betas); ddpm is the ancestral 1000-step sampler, the others deterministic fast solvers. ddim-2m: ddim_2m_step().
 
-SAMPLERS = {  # name: (diffusers scheduler, its options); "trailing" spacing: the first step starts at t=999, pure
-    "ddim-2m": None,  # noise, at any step count (Lin et al. 2023)
+SAMPLERS = {  # name: (diffusers scheduler, its options), or ours; "trailing" spacing: the first step starts at t=999,
+    "ddim-2m": "ddim_2m_step",  # pure noise, at any step count (Lin et al. 2023)
     "ddpm": ("DDPMScheduler", dict(timestep_spacing="trailing")),
     "ddim": ("DDIMScheduler", dict(timestep_spacing="trailing")),
     # x0 kept in [-1, 1], as ddpm/ddim's clip_sample does: without it a few-step solver can run away to noise
@@ -187,11 +187,11 @@ def make_sampler(name, steps, schedule=None):
     """-> (diffusers scheduler, None for ddim-2m; timesteps (steps,) long, high noise first)"""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-    most = NUM_TIMESTEPS - T_MIN if SAMPLERS[name] is None else NUM_TIMESTEPS  # ddim-2m: 998
+    most = NUM_TIMESTEPS - T_MIN if name == "ddim-2m" else NUM_TIMESTEPS  # ddim-2m: 998
     if not 1 <= steps <= most:
         raise ValueError(f"--steps {steps}: {name} takes between 1 and {most}")
     schedule = schedule or make_schedule()
-    if SAMPLERS[name] is None:
+    if name == "ddim-2m":
         return None, karras_timesteps(steps, schedule.alphas_cumprod)
     scheduler = diffusers_scheduler(name, {**schedule.config, "prediction_type": "epsilon"})  # fed eps
     scheduler.set_timesteps(steps)
@@ -232,14 +232,14 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
     alpha_bar, v = schedule.alphas_cumprod.tolist(), schedule.config.prediction_type == "v_prediction"
     x0_prev = t_prev = None
     for i, t in enumerate(timesteps.tolist()):
-        x_in = xt if scheduler is None else scheduler.scale_model_input(xt, t)
+        x_in = xt if sampler == "ddim-2m" else scheduler.scale_model_input(xt, t)
         if guidance == 1.0:  # plain conditional model: one forward, no doubled batch
             out = model(x_in, t, class_labels=labels).sample.float()  # eps or v
         else:  # classifier-free guidance: cond and null in one batched forward, linear in the output (eps or v)
             out_cond, out_null = model(torch.cat([x_in, x_in]), t, class_labels=both).sample.float().chunk(2)
             out = out_null + guidance * (out_cond - out_null)
         eps = math.sqrt(1 - alpha_bar[t]) * xt + math.sqrt(alpha_bar[t]) * out if v else out  # v -> eps
-        if scheduler is None:  # ddim-2m, to the next t (-1 after the last: the clean image)
+        if sampler == "ddim-2m":  # to the next t (-1 after the last: the clean image)
             s = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
             (xt, x0_prev), t_prev = ddim_2m_step(xt, eps, t, s, alpha_bar, x0_prev, t_prev, eta, noise), t
         else:

@@ -678,14 +678,14 @@ def main(argv=None):
     stratum = np.where(ytr.any(1), ytr.argmax(1), len(classes)) if args.multi else ytr  # label sets: first finding
     ref = reference_films(pid[0], stratum, args.reference_share, args.seed)  # (N_train,) bool
     y_po, groups = np.concatenate([ytr[~ref], yva, yte]), pd.factorize(np.concatenate([pid[0][~ref], *pid[1:]]))[0]
-    if not any(min(of_class(ys, c).sum(), of_class(y_po, c).sum() // 2) >= 2 for c in range(len(classes))):  # matched_realism
+    # matched_realism needs a class with >= 2 synthetic films and >= 4 real ones
+    if not any(min(of_class(ys, c).sum(), of_class(y_po, c).sum() // 2) >= 2 for c in range(len(classes))):
         die(f"--samples {args.samples}: no class of the synthetic images has >= 4 real pool films to compare to")
     (out / "classifiers").mkdir(parents=True, exist_ok=True)  # --out, and fit()'s cache in it: once the input is good
     print(f"real train/val/test {len(xtr)}/{len(xva)}/{len(xte)} (the reference classifier learns from {ref.sum()}, "
           f"the real pool holds {len(y_po)}), synthetic {len(xs)}, size {args.size}, device {dev}")
     report = {"settings": {**vars(args), "n_train": len(xtr), "n_val": len(xva), "n_test": len(xte),
-                           "n_synthetic": len(xs),
-                      "n_reference": ref.sum(), "n_pool": len(y_po)}}
+                           "n_synthetic": len(xs), "n_reference": ref.sum(), "n_pool": len(y_po)}}
 
     # ---- 1. reference classifier, trained on real train films only: the ceiling for everything below
     digests = {}  # fit() hashes each distinct array once
@@ -728,7 +728,8 @@ def main(argv=None):
     per_class, draws = {}, []  # per class: its row of the report; the realism redraws of those with enough images
     # label fidelity: share of a class's films called that class; multi-label: the AUC of the finding's score between
     # films with it and films without it, synthetic (drawn with / without) and real (the pool); No Finding: of -max p
-    rows = [(name, of_class(ys, c), of_class(y_po, c), share(hit_s[ys == c]) if not args.multi else auc(p_s[:, c], of_class(ys, c)),
+    rows = [(name, of_class(ys, c), of_class(y_po, c),
+             share(hit_s[ys == c]) if not args.multi else auc(p_s[:, c], of_class(ys, c)),
              share(hit_po[y_po == c]) if not args.multi else auc(p_po[:, c], of_class(y_po, c)))
             for c, name in enumerate(classes)]
     if args.multi:
@@ -739,24 +740,25 @@ def main(argv=None):
             d = matched_realism(f_s[s], f_po[r], t_s[s], t_po[r], groups[r], args.repeats, args.max_n, rng)
             per_class[name] = {"n_synthetic": s.sum(), "n_real": r.sum(),
                                "n_drawn": min(s.sum(), r.sum() // 2, args.max_n),
-                       "fidelity": fidelity, "accuracy": accuracy, **realism(d),
-                       "diversity_features": div(f_s[s], f_po[r]), "diversity_pixels": div(px_s[s], px_po[r]),
-                       "memorized": flag[s].sum(), "noise_like": noisy[s].sum()}
+                               "fidelity": fidelity, "accuracy": accuracy, **realism(d),
+                               "diversity_features": div(f_s[s], f_po[r]), "diversity_pixels": div(px_s[s], px_po[r]),
+                               "memorized": flag[s].sum(), "noise_like": noisy[s].sum()}
             draws += [] if np.isnan(d).any() else [d]
     scored = [d for d in per_class.values() if d["n_synthetic"] and d["n_real"]]  # a mean over these classes
     report["per_class"] = per_class
     report["summary"] = {"n_synthetic": len(xs), "n_real": len(y_po), "memorized": flag.sum(),
-                                       "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])
-                                       for k in ("fidelity", "accuracy", "diversity_features", "diversity_pixels")},
-                                       **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
+                         "noise_like": noisy.sum(), **{k: np.nanmean([d[k] for d in scored])
+                                                       for k in ("fidelity", "accuracy", "diversity_features",
+                                                                 "diversity_pixels")},
+                         **realism(np.mean(draws, 0))}  # each redraw's class average: the interval
     if args.multi:  # films drawn for several findings: is every one of them there, as often as in real films?
         report["label_sets"] = label_sets(ps["label"], ys, p_s, y_po, p_po)
     order = np.lexsort((-r_s, ~flag))[:max(1, args.pairs)]  # flagged first, then the most correlated
     save_rows_png([[(xs[i], f"synthetic {ps['label'].iat[i]}" + (" FLAGGED" if flag[i] else "")),
                     (x_seen[jp[i]], f"train {names_seen[jp[i]]} r={r_s[i]:.3f}")] for i in order],
                   out / "closest_pairs.png", 200)
-    save_rows_png([[(im, f"real {n}") for im in xte[of_class(yte, c)][:4]] + [(im, f"synthetic {n}")
-                                                                       for im in xs[of_class(ys, c)][:4]]
+    save_rows_png([[(im, f"real {n}") for im in xte[of_class(yte, c)][:4]]
+                   + [(im, f"synthetic {n}") for im in xs[of_class(ys, c)][:4]]
                    for c, n in enumerate(classes) if n in per_class], out / "grid.png", 128)
 
     # ---- 4. utility: does adding the synthetic images help a classifier on real test images?

@@ -65,7 +65,7 @@ def test_the_card_states_classes_null_label_pixels_and_the_warning(unet, tmp_pat
 
 
 @pytest.mark.parametrize("schedule", [{}, {"prediction": "v_prediction", "shift": 2.0}])
-@pytest.mark.parametrize("sampler", [name for name, make in model.SAMPLERS.items() if make is not None])
+@pytest.mark.parametrize("sampler", [name for name in model.SAMPLERS if name != "ddim-2m"])  # diffusers ones
 def test_the_cards_sampling_code_gives_model_samples_images(sampler, schedule, unet, tmp_path, monkeypatch):
     """Whatever diffusers sampler the card uses, the card's code (exec'd as written, from the export folder) and
     model.sample with the same sampler, steps, guidance and noise give the same image: for an eps model on the
