@@ -146,8 +146,9 @@ def loss_weights(alpha_bar, prediction="v_prediction", loss="mse", gamma=None): 
 # Samplers, all run in the one loop of sample(). The diffusers ones are built on the training schedule's config (its
 # betas); ddpm is the ancestral 1000-step sampler, the others deterministic fast solvers. ddim-2m: ddim_2m_step().
 
-SAMPLERS = {  # name: (diffusers scheduler, its options), or ours; "trailing" spacing: the first step starts at t=999,
-    "ddim-2m": "ddim_2m_step",  # pure noise, at any step count (Lin et al. 2023)
+SAMPLERS = {  # name: our step function, or (diffusers scheduler, its options)
+    "ddim-2m": "ddim_2m_step",  # below, at noise levels spaced by karras_timesteps
+    # "trailing" spacing: the first step starts at t=999, pure noise, at any step count (Lin et al. 2023)
     "ddpm": ("DDPMScheduler", dict(timestep_spacing="trailing")),
     "ddim": ("DDIMScheduler", dict(timestep_spacing="trailing")),
     # x0 kept in [-1, 1], as ddpm/ddim's clip_sample does: without it a few-step solver can run away to noise
