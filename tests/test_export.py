@@ -107,3 +107,8 @@ def test_the_command_exports_a_runs_ema_weights_and_never_overwrites_silently(tm
     assert sd_equal(UNet2DModel.from_pretrained(out / "unet").state_dict(), first) and not sd_equal(first, ckpt["ema"])
     with pytest.raises(SystemExit, match="export.py: error: --ckpt .*nothing.pt: no such checkpoint"):
         export.main(["--ckpt", str(tmp_path / "nothing.pt")])
+    broken = {**ckpt, "ema": {k: v for k, v in ckpt["ema"].items() if k != "conv_in.weight"}}  # weights cut short
+    model.save_checkpoint(str(tmp_path / "broken.pt"), broken)
+    with pytest.raises(SystemExit, match="broken.pt: cannot build the UNet from it \\(RuntimeError"):
+        export.main(["--ckpt", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()  # nothing written
