@@ -30,9 +30,9 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from model import (AUTO, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, NUM_TIMESTEPS, PRESETS, HelpFormatter,
-                   add_noise, auto_amp, bar_pace, build_unet, classes_of, labels_of,
-                   load_checkpoint, loss_weights, make_schedule, null_labels, pick_preset, replace_file, sample,
-                   save_checkpoint, set_threads, target, unet_config)
+                   add_noise, auto_amp, bar_pace, build_unet, classes_of, labels_of, load_checkpoint, loss_weights,
+                   make_schedule, null_labels, pick_preset, replace_file, sample, save_checkpoint, set_threads, target,
+                   unet_config)
 
 VAL_IMAGES = 256    # fixed val subset: enough for a stable loss, small enough to evaluate often
 VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare across evaluations
