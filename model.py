@@ -316,9 +316,13 @@ def unet_config(model):  # as plain JSON types: diffusers' FrozenDict is not wei
     return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
 
 
-def unet_from_checkpoint(ckpt, ema=True):
+def unet_from_checkpoint(ckpt, ema=True, path="checkpoint"):  # path: the file, for the error message
     from diffusers import UNet2DModel
-    model = UNet2DModel.from_config(ckpt["unet_config"])
-    model = multi_hot(model) if ckpt.get("labels") == "multi" else model
-    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    try:
+        model = UNet2DModel.from_config(ckpt["unet_config"])
+        model = multi_hot(model) if ckpt.get("labels") == "multi" else model
+        model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    except (KeyError, RuntimeError) as e:  # a project checkpoint whose weights are missing or do not fit its config
+        raise ValueError(f"{path}: cannot build the UNet from it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]})") from None
     return model.eval()

@@ -113,12 +113,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         ckpt = model.load_checkpoint(args.ckpt)
-        unet = model.unet_from_checkpoint(ckpt)  # the EMA weights
+        unet = model.unet_from_checkpoint(ckpt, path=args.ckpt)  # the EMA weights
     except ValueError as e:
         raise SystemExit(f"export.py: error: --ckpt {e}")
-    except (KeyError, RuntimeError) as e:  # a project checkpoint whose weights are missing or do not fit its config
-        raise SystemExit(f"export.py: error: --ckpt {args.ckpt}: cannot build the UNet from it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]})")
     out = args.out or (args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt)))
     if (held := [n for n in OUTPUTS if os.path.exists(os.path.join(out, n))]) and not args.overwrite:
         raise SystemExit(f"export.py: error: --out {out} already holds {held[0]}: pass --overwrite to replace the "

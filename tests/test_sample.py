@@ -178,8 +178,12 @@ def test_bad_flags_fail_before_any_work(ckpt, tmp_path, argv, says):
 def test_bad_checkpoint_or_out(ckpt, tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     (tmp_path / "a_file").write_text("x")
+    c = model.load_checkpoint(str(ckpt))
+    cut = lambda sd: {k: v for k, v in sd.items() if k != "conv_in.weight"}  # weights cut short
+    model.save_checkpoint(str(tmp_path / "broken.pt"), {**c, "ema": cut(c["ema"]), "model": cut(c["model"])})
     for argv, says in [(["--ckpt", str(tmp_path / "nope.pt")], "no such checkpoint"),
                        (["--ckpt", str(tmp_path / "foreign.pt")], "not a checkpoint of this project"),
+                       (["--ckpt", str(tmp_path / "broken.pt")], "broken.pt: cannot build the UNet from it (RuntimeError"),
                        (["--ckpt", str(ckpt), "--out", str(tmp_path / "a_file" / "s")], "not a writable folder")]:
         with pytest.raises(SystemExit) as e:
             sample.main(["--class", "3", "--out", str(tmp_path / "s"), *argv])
