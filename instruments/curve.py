@@ -201,15 +201,16 @@ def rare(args):
     if not os.path.exists(os.path.join(args.data_dir, "train.csv")):
         raise SystemExit(f"curve.py: error: --data-dir {args.data_dir}: no train.csv (run prepare_data.py first)")
     size = args.size or cache_size(args.data_dir) or 32
-    run_tag = f"run-{args.balance}-{args.max_steps}" + (f"-seed{args.train_seed}" if args.train_seed else "")  # the
-    # generator's settings; sample/evaluate settings below
+    run_tag = (f"run-{args.balance}-{args.max_steps}" + (f"-seed{args.train_seed}" if args.train_seed else "")
+               + (f"-lr{args.train_lr:g}" if args.train_lr else ""))  # the generator's settings; sample/evaluate below
     rows = []
     for k in args.k:
         base = os.path.join(args.out_dir, f"k{k}" + ("" if args.pool == "none" else f"-pool-{args.pool}"))
         n_real, n_other = cut_rare(args.data_dir, os.path.join(base, "data"), args.rare, k, args.seed, args.pool)
         gen = os.path.join(base, run_tag)
         run("train.py", "--data-dir", os.path.join(base, "data"), "--out-dir", gen, "--resume", "--max-steps",
-            args.max_steps, "--batch-size", args.train_batch_size, "--balance", args.balance, "--seed", args.train_seed)
+            args.max_steps, "--batch-size", args.train_batch_size, "--balance", args.balance, "--seed", args.train_seed,
+            *(["--lr", args.train_lr] if args.train_lr else []))
         n = args.n_synthetic or max(n_other - n_real, n_real)  # default: as many as the largest other class has
         more = "".join(c for c in args.sample_args if c.isalnum() or c == ".")  # "--eta 1 --steps 50": "eta1steps50"
         samples = os.path.join(gen, f"samples-w{args.guidance:g}-n{n}" + (f"-{more}" if more else ""))
@@ -291,6 +292,7 @@ def main(argv=None):
     p.add_argument("--train-batch-size", type=int, default=32, help="train.py --batch-size of each generator")
     p.add_argument("--balance", default="none", help="train.py --balance of each generator")
     p.add_argument("--train-seed", type=int, default=0, help="train.py --seed of each generator (a second generator)")
+    p.add_argument("--train-lr", type=float, default=None, help="train.py --lr of each generator (default: per preset)")
     p.add_argument("--sample-args", default="", help="more sample.py flags for the synthetic films in one string: "
                    "\"--eta 1 --steps 50\"")
     p.add_argument("--n-synthetic", type=int, default=0, help="synthetic films added (0: as many as the largest other "

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import curve
+import model
 import train
 from test_train import TINY, make_data
 
@@ -73,8 +74,11 @@ def test_rare_class_benchmark_cuts_trains_samples_scores_and_plots(tmp_path):
         curve.main(argv[:4] + ["--k", "99"])
 
     # --pool cut: the 5 rare films cut away stay, unlabelled: the generator's null condition, the pseudo-label baseline
-    table = curve.main(argv[:4] + ["--k", "3", "--pool", "cut", "--sample-args", "--steps 3"] + argv[7:])
-    assert (tmp_path / "rare" / "k3-pool-cut" / "run-none-2" / "samples-w1.25-n5-steps3" / "manifest.csv").exists()
+    table = curve.main(argv[:4] + ["--k", "3", "--pool", "cut", "--sample-args", "--steps 3", "--train-lr", "1e-3"]
+                       + argv[7:])  # and a generator LR of its own: a generator of its own
+    gen = tmp_path / "rare" / "k3-pool-cut" / "run-none-2-lr0.001"
+    assert (gen / "samples-w1.25-n5-steps3" / "manifest.csv").exists()
+    assert model.load_checkpoint(gen / "ckpt.pt")["args"]["lr"] == 1e-3
     pooled = pd.read_csv(tmp_path / "rare" / "k3-pool-cut" / "data" / "train.csv")
     assert (pooled["label"] == "Pneumonia").sum() == 3 and pooled["label"].isna().sum() == 5
     assert (pooled.loc[pooled["label"].isna(), "class_id"] == -1).all()
