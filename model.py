@@ -227,7 +227,8 @@ def sample(model, labels, sampler="ddim-2m", steps=25, guidance=1.0, generators=
     scheduler, timesteps = make_sampler(sampler, steps, schedule)
     generators = generators or [torch.Generator().manual_seed(i) for i in range(len(labels))]
     noise = lambda: torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]).to(device)  # per image
-    xt = noise()  # (B, 1, H, W): pure noise
+    xt = noise()  # (B, 1, H, W): pure noise, each image's scaled to unit variance: a draw's spread varies by ~1%
+    xt = xt / xt.std(dim=(1, 2, 3), keepdim=True)  # (1/sqrt(2HW)), and the sampler carries that excess into the film
     both = torch.cat([labels, null_labels(model, labels)])  # the class, then the null label
     extra = {"generator": generators} if sampler == "ddpm" else {}  # only ddpm adds fresh noise each step
     alpha_bar, v = schedule.alphas_cumprod.tolist(), schedule.config.prediction_type == "v_prediction"

@@ -57,7 +57,8 @@ unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval(){embed}
 scheduler = {cls}.from_pretrained(folder, subfolder="scheduler")
 scheduler.set_timesteps({steps})
 size, g, labels = unet.config.sample_size, torch.Generator().manual_seed(seed), {labels}
-x = torch.randn(1, 1, size, size, generator=g) * scheduler.init_noise_sigma  # (1, 1, H, W): pure noise
+x = torch.randn(1, 1, size, size, generator=g)  # (1, 1, H, W): pure noise, scaled to unit spread (no grainy films)
+x = x / x.std() * scheduler.init_noise_sigma
 with torch.no_grad():
     for t in scheduler.timesteps:  # the class and the null label in one batch of 2
         x_in = scheduler.scale_model_input(x, t).repeat(2, 1, 1, 1)
