@@ -158,7 +158,8 @@ SAMPLERS = {  # name: our step function, or (diffusers scheduler, its options)
 DEFAULT_STEPS = {"ddim-2m": 25, "ddpm": 1000, "ddim": 50, "dpm++": 25}
 DEFAULT_SAMPLER, DEFAULT_GUIDANCE = "ddim-2m", 1.25  # sample.py's sampler and guidance scale, chosen by measurement
 # (docs/results.md); train.py's sample grids and the exported model card use them too
-RHO, T_MIN = 7.0, 2  # ddim-2m's steps: noise levels spaced as Karras et al. (2022), from t=999 down to T_MIN
+RHO, T_MIN = 7.0, 1  # ddim-2m's steps: noise levels spaced as Karras et al. (2022), from t=999 down to T_MIN; the
+# last step takes the model's estimate of the film there, which keeps less of its finest grain the higher T_MIN is
 CHURN = (100, 600)  # ddim-2m with eta > 0 adds fresh noise only at these t, where the grain of a few films forms
 
 
@@ -188,7 +189,7 @@ def make_sampler(name, steps, schedule=None):
     """-> (diffusers scheduler, None for ddim-2m; timesteps (steps,) long, high noise first)"""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-    most = NUM_TIMESTEPS - T_MIN if name == "ddim-2m" else NUM_TIMESTEPS  # ddim-2m: 998
+    most = NUM_TIMESTEPS - T_MIN if name == "ddim-2m" else NUM_TIMESTEPS  # ddim-2m: 999
     if not 1 <= steps <= most:
         raise ValueError(f"--steps {steps}: {name} takes between 1 and {most}")
     schedule = schedule or make_schedule()

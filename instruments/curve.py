@@ -26,6 +26,7 @@ Rerunnable: finished generators, samples and classifiers are reused, so trying o
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import shutil
@@ -86,6 +87,7 @@ def score(args):
         report = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
                            "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
         ckpt = load_checkpoint(snap)  # step and training seconds
+        far = lambda ratios: max(ratios, key=lambda r: abs(math.log(r)))  # the class furthest from real, either way
         per_class = report["per_class"]
         if multi:  # the findings (and No Finding) with synthetic and real films
             classes = [c for c, d in per_class.items() if d["n_synthetic"] and d["n_real"]]
@@ -98,8 +100,8 @@ def score(args):
                "fd_ratio_worst": max(per_class[c]["fd_ratio"] for c in classes),
                "kid": report["summary"]["kid"]["synthetic"]["mean"],
                "grain_ratio": report["summary"]["grain"]["synthetic"]["mean"],
-               "grain_ratio_worst": max(per_class[c]["grain"]["synthetic"]["mean"] for c in classes),
-               "gradient_ratio_worst": max(per_class[c]["gradient"]["synthetic"]["mean"] for c in classes),
+               "grain_ratio_worst": far(per_class[c]["grain"]["synthetic"]["mean"] for c in classes),
+               "gradient_ratio_worst": far(per_class[c]["gradient"]["synthetic"]["mean"] for c in classes),
                "grainy_pct_worst": 100 * max(per_class[c]["grainy"]["synthetic"]["mean"] for c in classes),
                **{f"fidelity {c}": per_class[c]["fidelity"] for c in classes},
                **{f"fd_ratio {c}": per_class[c]["fd_ratio"] for c in classes}}
