@@ -87,7 +87,7 @@ def score(args):
         report = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
                            "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
         ckpt = load_checkpoint(snap)  # step and training seconds
-        far = lambda ratios: max(ratios, key=lambda r: abs(math.log(r)))  # the class furthest from real, either way
+        far = lambda ratios: max(ratios, key=lambda r: abs(math.log(r)) if r > 0 else math.inf)  # furthest from real
         per_class = report["per_class"]
         if multi:  # the findings (and No Finding) with synthetic and real films
             classes = [c for c, d in per_class.items() if d["n_synthetic"] and d["n_real"]]
