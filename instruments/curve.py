@@ -78,6 +78,7 @@ def score(args):
     multi = labels_of(args.data_dir) == "multi"  # label sets: --n films per finding and No Finding, in the training
     ask = (["--match-train", int(args.n) * (len(classes_of(args.data_dir)) + 1)] if multi  # split's label sets;
            else [a for c in classes for a in ("--class", c)])  # scored per finding
+    far = lambda ratios: max(ratios, key=lambda r: abs(math.log(r)) if r > 0 else math.inf)  # furthest from real
     for snap in [s for s in snaps if os.path.basename(s) not in done]:
         samples = os.path.join(work, "samples")
         shutil.rmtree(samples, ignore_errors=True)
@@ -87,7 +88,6 @@ def score(args):
         report = evaluated("--data-dir", args.data_dir, "--samples", samples, "--size", args.size,
                            "--out", os.path.join(work, "report"), "--no-utility", *shlex.split(args.evaluate_args))
         ckpt = load_checkpoint(snap)  # step and training seconds
-        far = lambda ratios: max(ratios, key=lambda r: abs(math.log(r)) if r > 0 else math.inf)  # furthest from real
         per_class = report["per_class"]
         if multi:  # the findings (and No Finding) with synthetic and real films
             classes = [c for c, d in per_class.items() if d["n_synthetic"] and d["n_real"]]

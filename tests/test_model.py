@@ -168,7 +168,7 @@ def test_ddim_2m_steps_are_spaced_in_noise_level_as_karras():
         assert t[0] == 999 and t[-1] == model.T_MIN  # from pure noise down to the last noisy step, then the film
         root = sigma[t] ** (1 / model.RHO)  # evenly spaced in sigma^(1/rho)
         assert (root.diff() / root.diff().mean() - 1).abs().max() < rounding
-    most = 1000 - model.T_MIN  # the most distinct steps it has
+    most = model.NUM_TIMESTEPS - model.T_MIN  # the most distinct steps it has
     assert len(set(model.make_sampler("ddim-2m", most)[1].tolist())) == most
 
 
@@ -220,8 +220,8 @@ def test_the_default_sampler_keeps_the_spread_that_ddim_loses_at_the_same_calls(
 
 
 def test_bad_sampler_or_steps_are_clear_errors():
-    with pytest.raises(ValueError, match=f"ddim-2m takes between 1 and {1000 - model.T_MIN}"):
-        model.make_sampler("ddim-2m", 1001 - model.T_MIN)
+    with pytest.raises(ValueError, match=f"ddim-2m takes between 1 and {model.NUM_TIMESTEPS - model.T_MIN}"):
+        model.make_sampler("ddim-2m", model.NUM_TIMESTEPS - model.T_MIN + 1)
     with pytest.raises(ValueError, match="unknown sampler"):
         model.make_sampler("euler-ish", 10)
     with pytest.raises(ValueError, match="steps"):
