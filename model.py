@@ -34,6 +34,8 @@ PRESETS = {  # name: (channels per resolution level, resnet layers per level, Gr
     "tiny":  ((16, 32, 32), 1, 8),                    # CPU tests, <1M, a training step in milliseconds
 }
 AUTO = {32: "tiny", 64: "tiny", 128: "small"}  # --preset auto: size -> preset (larger: base); docs/results.md
+CLASS_STD = 0.3  # class vectors start N(0, 0.3^2), not diffusers' N(0, 1): a vector 7x the timestep embedding's
+# size is answered with speckle when its class is in one batch in twenty (a rare class); 0 learns every class slower
 
 
 def pick_preset(preset, image_size):
@@ -67,6 +69,7 @@ def build_unet(image_size=256, preset="auto", num_classes=len(CLASSES), multi_la
                        layers_per_block=layers, norm_num_groups=groups, num_class_embeds=num_classes + 1,
                        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
+    torch.nn.init.normal_(unet.class_embedding.weight, std=CLASS_STD)  # (C + 1, D); docs/results.md, rare classes
     return multi_hot(unet) if multi_label else unet
 
 
