@@ -35,7 +35,7 @@ PRESETS = {  # name: (channels per resolution level, resnet layers per level, Gr
 }
 AUTO = {32: "tiny", 64: "tiny", 128: "small"}  # --preset auto: size -> preset (larger: base); docs/results.md
 CLASS_STD = 0.3  # class vectors start N(0, 0.3^2), not diffusers' N(0, 1): a vector 7x the timestep embedding's
-# size is answered with speckle when its class is in one batch in twenty (a rare class); 0 learns every class slower
+# size (tiny) is answered with speckle when its class is in one batch in twenty; 0 learns every class slower
 
 
 def pick_preset(preset, image_size):
