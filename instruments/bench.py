@@ -4,7 +4,7 @@ bench.py - measured speed, as ratios taken in one run: data loading, train.py it
     python instruments/bench.py --gpu-check --out-dir gpu_check    # README's GPU table + a 256 px, < 8 min on one H100
     python instruments/bench.py --device cuda --preset base --compile  # the training and sampling tables alone
     python instruments/bench.py --quick                            # tiny preset on the CPU: a smoke test
-    python instruments/bench.py --data-dir data/kermany64 --image-size 64 --preset tiny --batch-sizes 32  # your data
+    python instruments/bench.py --data-dir data/kermany64 --image-size 64 --preset tiny4 --batch-sizes 32  # your data
 
 Writes bench.json (every number, the device, the date, the peak FLOP/s behind MFU) and bench.md (the tables, as
 printed) into --out-dir. MFU = 3 x flops_per_image (forward + backward ~ 3 forwards) x img/s / dense bf16 peak.

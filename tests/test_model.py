@@ -9,7 +9,8 @@ from diffusers import UNet2DModel
 import model
 
 
-@pytest.mark.parametrize("preset,sizes", [("tiny", (32, 64)), ("small", (32, 128)), ("base", (128, 256))])
+@pytest.mark.parametrize("preset,sizes", [("tiny", (32, 64)), ("tiny4", (32, 64)), ("small", (32, 128)),
+                                          ("base", (128, 256))])
 def test_every_preset_maps_1xHxW_to_1xHxW(preset, sizes):
     for size in sizes:
         with torch.device("meta"):  # shapes only: the base UNet at 256 would take seconds on a CPU
@@ -22,8 +23,8 @@ def test_every_preset_maps_1xHxW_to_1xHxW(preset, sizes):
 def test_parameter_counts_match_the_preset_descriptions():
     with torch.device("meta"):
         counts = {p: sum(x.numel() for x in model.build_unet(s, p).parameters())
-                  for p, s in [("tiny", 32), ("small", 64), ("base", 256)]}
-    assert counts["tiny"] < 1e6
+                  for p, s in [("tiny", 32), ("tiny4", 64), ("small", 64), ("base", 256)]}
+    assert counts["tiny"] < counts["tiny4"] < 1e6
     assert 3e6 < counts["small"] < 30e6
     assert 110e6 < counts["base"] < 118e6  # the standard diffusers 256x256 UNet is ~114M
 
@@ -299,7 +300,7 @@ def test_foreign_and_missing_files_are_clear_errors(tmp_path):
 
 
 def test_preset_auto_picks_a_model_that_fits_the_image_size():
-    for size, name in [(32, "tiny"), (64, "tiny"), (128, "small"), (256, "base"), (512, "base")]:
+    for size, name in [(32, "tiny"), (64, "tiny4"), (128, "small"), (256, "base"), (512, "base")]:
         assert model.pick_preset("auto", size) == name and model.pick_preset("small", size) == "small"
     assert model.build_unet(32).config.block_out_channels == model.PRESETS["tiny"][0]  # auto is the default
     with pytest.raises(ValueError, match="choose from auto, base"):
