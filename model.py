@@ -31,8 +31,8 @@ NUM_TIMESTEPS = 1000
 PRESETS = {  # name: (channels per resolution level, resnet layers per level, GroupNorm groups)
     "base":  ((128, 128, 256, 256, 512, 512), 2, 32),  # the standard diffusers 256x256 DDPM UNet, ~114M
     "small": ((32, 64, 128, 256), 2, 16),             # 32-128 px research runs, ~14M
-    "tiny4": ((16, 32, 32, 64), 1, 8),                # tiny + an 8x8 level at 64 px: 2% slower, half the seed's
-                                                      # spread in fine texture at 64 px (docs/results.md)
+    "tiny4": ((16, 32, 32, 64), 1, 8),                # tiny + an 8x8 level: at 64 px 2% slower, half the seed's
+                                                      # spread in fine texture (docs/results.md)
     "tiny":  ((16, 32, 32), 1, 8),                    # CPU tests, <1M, a training step in milliseconds
 }
 AUTO = {32: "tiny", 64: "tiny4", 128: "small"}  # --preset auto: size -> preset (larger: base); docs/results.md
