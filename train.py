@@ -39,8 +39,8 @@ VAL_SEED = 1234     # fixed t and noise for the val loss, so values compare acro
 LABEL_W = 80        # pixels left of the sample grid for the class names
 STOP_CHECK = 10     # DDP: steps between the ranks' agreement on Ctrl-C / SIGTERM (a sync)
 # --lr default per preset. tiny: 1e-3 beat 5e-4 on real CXRs at 32 px, and 2e-3 left fewer grainy films than 1e-3 at
-# 64 px (docs/results.md); tiny4 (tiny + an 8x8 level) takes it, not swept; small: 5e-4 ran stable at 32 px; base
-# keeps the original design's 1e-4 (not yet measured).
+# 64 px (docs/results.md); tiny4 (tiny + an 8x8 level) takes it (1e-3 and 4e-3 tried at one seed only); small: 5e-4
+# ran stable at 32 px; base keeps the original design's 1e-4 (not yet measured).
 PRESET_LR = {"tiny": 2e-3, "tiny4": 2e-3, "small": 5e-4, "base": 1e-4}
 WARMUP_SHARE = 80   # default --warmup-steps: max-steps / 80, at most 1000 (originally always 1000: 2/3 of a short run)
 
